@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine:
+#   make demo   create the environment if needed, then run the whole pipeline on synthetic data
+#   make test   create the environment if needed, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+STAMP  := $(VENV)/.installed
+
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: env demo test lint clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -U pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev,ops]"
+	touch $(STAMP)
+
+demo: env
+	$(BIN)/fss demo
+
+test: env
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .prefect demo-workspace

@@ -1,0 +1,1 @@
+"""The ``fss`` command line."""

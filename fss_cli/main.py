@@ -1,0 +1,194 @@
+"""``fss`` — the one command line of the pipeline.
+
+Every stage is runnable alone; ``fss run`` runs the whole flow, ``fss demo`` runs it on
+synthetic data. Heavy libraries are imported inside commands so that ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+# Prefect reads these at import time: keep its state out of the user's home by default,
+# and send nothing to the network.
+os.environ.setdefault("PREFECT_HOME", str(Path.home() / ".fss" / "prefect"))
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+app = typer.Typer(help="Label-free few-shot semantic segmentation pipeline.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Datasets: synthetic data.", no_args_is_help=True)
+prepare_app = typer.Typer(help="Prepare real datasets: SBD/VOC aug labels, COCO masks, lists.",
+                          no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(prepare_app, name="prepare")
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: section.key=value.")]
+WorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace folder.")]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _config(config: Path | None, overrides: list[str] | None, workspace: Path | None = None,
+            default: Path | None = None):
+    from fss_core.config import ConfigError, load_config
+
+    sets = list(overrides or [])
+    if workspace is not None:
+        sets.append(f"runtime.workspace={workspace}")
+    try:
+        return load_config(config if config is not None else default, sets)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved configuration as YAML."""
+    typer.echo(_config(config, set_).to_yaml())
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Output dataset root (VOC layout).")],
+    seed: int = 0,
+    classes: int = 20,
+    images: int = 480,
+    size: int = 128,
+) -> None:
+    """Write a synthetic VOC-layout dataset (JPEGImages, SegmentationClassAug, lists)."""
+    from fss_core.data.synthetic import synthesize
+
+    _setup_logging()
+    try:
+        summary = synthesize(out, seed=seed, classes=classes, images=images, size=size)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {summary.images} images of {summary.classes} classes to {out}")
+
+
+@app.command()
+def ingest(
+    source: Annotated[Optional[Path], typer.Argument(help="Dataset root or image folder.")] = None,
+    layout: Annotated[str, typer.Option(help="auto | folder | voc | coco")] = "auto",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Build or update the workspace manifest of a source (only new or changed files are read)."""
+    _setup_logging()
+    extra = list(set_ or [])
+    if source is not None:
+        extra += [f"data.source={source.resolve()}", f"data.layout={layout}"]
+    cfg = _config(config, extra, workspace)
+    from tasks.ingest import run_ingest
+
+    result = run_ingest(cfg)
+    typer.echo(f"manifest: {result.total} images, {result.ok} ok, {result.skipped} skipped, "
+               f"{result.added} added, {result.changed} changed, {result.removed} removed")
+
+
+@prepare_app.command("sbd")
+def prepare_sbd_cmd(
+    sbd_root: Annotated[Path, typer.Option(help="SBD root holding cls/*.mat")],
+    voc_root: Annotated[Path, typer.Option(help="VOC2012 root holding SegmentationClass/")],
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default VOC/SegmentationClassAug)")] = None,
+) -> None:
+    """SBD .mat + VOC SegmentationClass → SegmentationClassAug PNGs."""
+    from fss_core.data.prepare import prepare_sbd
+
+    _setup_logging()
+    typer.echo(prepare_sbd(sbd_root, voc_root, out))
+
+
+@prepare_app.command("coco")
+def prepare_coco_cmd(
+    coco_root: Annotated[Path, typer.Option(help="COCO 2014 root with annotations/instances_*.json")],
+    split: Annotated[str, typer.Option(help="train | val")] = "train",
+    overwrite: bool = False,
+) -> None:
+    """COCO instances json → semantic PNGs (ids 1..80 in category order, crowd skipped)."""
+    from fss_core.data.prepare import prepare_coco
+
+    _setup_logging()
+    typer.echo(prepare_coco(coco_root, split, overwrite=overwrite))
+
+
+@prepare_app.command("lists")
+def prepare_lists_cmd(
+    root: Annotated[Path, typer.Option(help="Dataset root (VOC or COCO layout).")],
+    out: Annotated[Path, typer.Option(help="Folder for the lists.")],
+    scheme: Annotated[str, typer.Option(help="pascal | coco | coco_consecutive | generic")] = "pascal",
+    layout: Annotated[str, typer.Option(help="auto | voc | coco")] = "auto",
+    seed: int = 0,
+    min_area: int = 2048,
+    num_classes: Annotated[Optional[int], typer.Option(help="classes of a generic dataset")] = None,
+) -> None:
+    """Train/val lists, per-fold lists and seeded nested 5/10/20 % label-fraction subsets."""
+    from fss_core.data.prepare import prepare_lists
+
+    _setup_logging()
+    typer.echo(prepare_lists(root, layout, out, scheme=scheme, seed=seed, min_area=min_area,
+                             num_classes=num_classes))
+
+
+def _run_pipeline(cfg, dask_address: str | None) -> dict:
+    from flows.pipeline import pipeline
+
+    return pipeline(config=cfg.model_dump(mode="json"), dask_address=dask_address)
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workspace: WorkspaceOpt = None,
+    dask_address: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, tcp://host:8786")] = None,
+) -> None:
+    """Run the whole pipeline flow on the configured dataset into the workspace."""
+    _setup_logging()
+    cfg = _config(config, set_, workspace)
+    results = _run_pipeline(cfg, dask_address)
+    typer.echo(f"pipeline finished: {', '.join(results)}")
+
+
+@app.command()
+def demo(
+    set_: SetOpt = None,
+    workspace: Annotated[Path, typer.Option("--workspace", "-w")] = Path("demo-workspace"),
+    dask_address: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler")] = None,
+) -> None:
+    """Synthetic data → the whole pipeline → a summary table. A second run is a cached no-op."""
+    _setup_logging()
+    cfg = _config(None, set_, workspace, default=DEMO_CONFIG)
+    results = _run_pipeline(cfg, dask_address)
+    from fss_cli.report import print_summary
+
+    print_summary(cfg, results)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The summary table printed at the end of ``fss demo`` / ``fss run``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from fss_core.config import PipelineConfig
+from tasks.tracking import tracking_uri
+from tasks.workspace import workspace_of
+
+
+def _as_dict(value: Any) -> dict:
+    if is_dataclass(value):
+        return asdict(value)
+    return dict(value) if isinstance(value, dict) else {"value": value}
+
+
+def print_summary(cfg: PipelineConfig, results: dict[str, Any]) -> None:
+    """One table per stage result, then how to open the UIs."""
+    console = Console()
+    for stage, value in results.items():
+        table = Table(title=stage, show_header=True)
+        table.add_column("field")
+        table.add_column("value")
+        for key, item in _as_dict(value).items():
+            table.add_row(str(key), f"{item:.4g}" if isinstance(item, float) else str(item))
+        console.print(table)
+    ws = workspace_of(cfg)
+    console.print(f"workspace: {ws.root}")
+    console.print(f"MLflow UI:  mlflow ui --backend-store-uri {tracking_uri(cfg)} --host 127.0.0.1 --port 5000")
+    console.print("Prefect UI: prefect server start --host 127.0.0.1 --port 4200")

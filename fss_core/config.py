@@ -1,0 +1,234 @@
+"""One configuration tree for the whole pipeline.
+
+Resolution order: defaults (the models below) ← a YAML file (``--config``) ←
+``--set section.key=value`` overrides. Unknown keys are an error naming the key, so a
+typo never silently falls back to a default. The resolved tree is saved with every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(_Section):
+    """The synthetic VOC-layout dataset used when no source is configured."""
+
+    seed: int = 0
+    classes: int = Field(20, ge=1, le=254)
+    images: int = Field(480, ge=2)
+    size: int = Field(128, ge=32)
+
+
+class DataConfig(_Section):
+    """Where the images come from and how classes are split into folds."""
+
+    source: Path | None = Field(None, description="dataset root; None = synthetic data in the workspace")
+    layout: Literal["auto", "folder", "voc", "coco"] = "auto"
+    fold_scheme: Literal["pascal", "coco", "coco_consecutive", "generic"] = "generic"
+    num_classes: int | None = Field(None, description="classes of a 'generic' VOC-layout dataset")
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class SSLConfig(_Section):
+    """Self-supervised pretraining of the download-free backbone (used when no checkpoint)."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=2)
+    image_size: int = Field(96, ge=32)
+    seed: int = 0
+
+
+class ExtractConfig(_Section):
+    """Stage A: pixel embeddings of every image into embeddings.zarr."""
+
+    backbone: Literal["small_cnn", "resnet50", "moco_v2", "resnet50_v2", "dino_vits16", "dino_vitb8"] = "small_cnn"
+    checkpoint: Path | None = None
+    long_side: int = Field(473, ge=32, description="longer image side on the padded square canvas")
+    batch_size: int = Field(16, ge=1)
+    shard_size: int = Field(64, ge=1, description="images per mapped task and per zarr shard")
+    pca_dim: int | None = Field(None, ge=2, description="randomized-PCA projection of the embeddings")
+    ssl: SSLConfig = SSLConfig()
+
+
+class ClusterConfig(_Section):
+    """Stage B: k-means of the valid pixel embeddings into pseudo-classes."""
+
+    num_clusters: int = Field(30, ge=2, le=254)
+    seed: int = 123
+    max_iter: int = Field(50, ge=1)
+    tol: float = Field(1e-4, ge=0)
+    sample_images: int | None = Field(20000, ge=1, description="cap on images clustered (reference: 20000)")
+    init_sample: int = Field(200_000, ge=1000, description="vectors used for the k-means++ initialisation")
+
+
+class PseudoConfig(_Section):
+    """Stage B/C: pseudo masks and the pseudo task index."""
+
+    felzenszwalb_scale: float = 100.0
+    felzenszwalb_sigma: float = 0.8
+    felzenszwalb_min_size: int = 200
+    min_area: int = Field(2048, ge=1, description="minimum pseudo-class area in pixels at 473x473 scale")
+    area_reference: int = Field(473, description="image side at which min_area is defined; scaled by image area")
+    background_span: float = Field(0.99, gt=0, le=1)
+    prior_max: int = Field(5000, ge=1, description="cap on the similarity prior's support candidates")
+
+
+class TrainConfig(_Section):
+    """Stages D-E: the FSS model and its training."""
+
+    mode: Literal["unsupervised", "finetune", "supervised"] = "unsupervised"
+    fold: int = Field(0, ge=0)
+    label_fraction: Literal[5, 10, 20] | None = None
+    shots: int = Field(1, ge=1)
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(4, ge=1)
+    image_size: int = Field(473, ge=33)
+    base_lr: float = Field(0.002, gt=0)
+    sgd_lr_scale: float = Field(15.0, gt=0, description="the reference's hidden x15 factor on the SGD lr")
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    power: float = 0.9
+    transformer_lr: float = 1e-4
+    transformer_weight_decay: float = 1e-2
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    rotate_degrees: float = 10.0
+    hidden: int = 256
+    ffn: int = 768
+    heads: int = 8
+    layers: int = 2
+    fg_prototypes: int = 20
+    bg_prototypes: int = 50
+    support_self_attention: bool = False
+    seed: int = 123
+    init_checkpoint: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    val_episodes: int = Field(200, ge=1, description="held-out episodes for model selection")
+    num_workers: int = Field(0, ge=0)
+
+
+class EvaluateConfig(_Section):
+    """Stage F: the few-shot evaluation protocol."""
+
+    folds: list[int] = [0, 1, 2, 3]
+    shots: list[int] = [1, 5]
+    episodes: int | None = Field(None, ge=1, description="None = 1000 (PASCAL-like) or 5000 (COCO)")
+    seeds: list[int] = [0, 1, 2, 3, 4]
+    baseline_threshold: float = 0.5
+    overlays: int = Field(8, ge=0)
+
+
+class RuntimeConfig(_Section):
+    """Where the run happens: workspace, Dask cluster, MLflow tracking."""
+
+    workspace: Path = Path("workspace")
+    dask_address: str | None = None
+    n_workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    gpu_resource: str | None = Field(None, description="Dask worker resource name for GPU tasks, e.g. GPU")
+    mlflow_tracking_uri: str | None = Field(None, description="None = sqlite in the workspace")
+    experiment: str | None = Field(None, description="None = one experiment per workspace")
+    progress: bool = True
+
+
+class PipelineConfig(_Section):
+    """The whole pipeline's configuration."""
+
+    data: DataConfig = DataConfig()
+    extract: ExtractConfig = ExtractConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    pseudo: PseudoConfig = PseudoConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        if self.train.mode == "finetune" and self.train.label_fraction is None:
+            raise ValueError("train.label_fraction must be 5, 10 or 20 when train.mode is 'finetune'")
+        return self
+
+    def section_key(self, *sections: str) -> str:
+        """A stable hash of the named sections, the basis of each stage's build key."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{dotted}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.epochs=3"`` → ``("train.epochs", 3)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from exc
+    return key, value
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}'")
+        else:
+            lines.append(f"config key '{key}': {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> PipelineConfig:
+    """Resolve defaults ← YAML file (or ``base`` dict) ← ``section.key=value`` overrides."""
+    if path is not None and base is not None:
+        raise ConfigError("give a config file or a config mapping, not both")
+    tree: dict[str, Any] = json.loads(json.dumps(base)) if base else {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        tree = loaded
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        where = f" (from {path})" if path else ""
+        raise ConfigError(_explain(exc) + where) from None

@@ -1,0 +1,1 @@
+"""Datasets: image I/O, dataset layouts, folds, preparation, synthetic data, episodes."""

@@ -1,0 +1,97 @@
+"""Image and label I/O with Pillow.
+
+Every image is returned as RGB ``uint8 [H, W, 3]`` with its EXIF orientation applied, so
+a photo taken in portrait is seen the way a person sees it. Labels are single-channel
+``uint8 [H, W]`` (class ids, 255 = ignore); palette PNGs are read by index, not colour.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IGNORE_LABEL = 255
+
+
+class ImageReadError(ValueError):
+    """A file could not be decoded as an image; the message says which file and why."""
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as RGB ``uint8 [H, W, 3]``, EXIF orientation applied."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL raises all three on bad files
+        raise ImageReadError(f"{path}: not a readable image ({exc})") from exc
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) after EXIF orientation, decoding the whole file to prove it is readable."""
+    return load_rgb(path).shape[:2]
+
+
+def load_label(path: str | os.PathLike) -> np.ndarray:
+    """Read a label PNG as ``uint8 [H, W]`` of class ids (palette indices for "P" images)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L", "I", "I;16"):
+                im = im.convert("L")
+            arr = np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path}: not a readable label image ({exc})") from exc
+    if arr.dtype != np.uint8:
+        if arr.max(initial=0) > 255:
+            raise ImageReadError(f"{path}: label values exceed 255")
+        arr = arr.astype(np.uint8)
+    return arr.copy()
+
+
+def label_palette() -> list[int]:
+    """A 256-entry RGB palette (the VOC bit-interleaving scheme), 255 drawn white."""
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette.extend((r, g, b))
+    palette[255 * 3 : 256 * 3] = [255, 255, 255]
+    return palette
+
+
+def save_label(path: str | os.PathLike, label: np.ndarray) -> None:
+    """Write ``uint8 [H, W]`` ids as a palette PNG, atomically (temp file + rename)."""
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"label must be 2-D, got shape {label.shape}")
+    if label.dtype != np.uint8:
+        if label.min(initial=0) < 0 or label.max(initial=0) > 255:
+            raise ValueError("label ids must lie in 0..255")
+        label = label.astype(np.uint8)
+    im = Image.fromarray(label, mode="P")
+    im.putpalette(label_palette())
+    _atomic_save(im, Path(path), format="PNG")
+
+
+def save_rgb(path: str | os.PathLike, image: np.ndarray, quality: int = 92) -> None:
+    """Write ``uint8 [H, W, 3]`` as JPEG or PNG (by suffix), atomically."""
+    path = Path(path)
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    kwargs = {"quality": quality} if fmt == "JPEG" else {}
+    _atomic_save(Image.fromarray(np.asarray(image, dtype=np.uint8), mode="RGB"), path, format=fmt, **kwargs)
+
+
+def _atomic_save(im: Image.Image, path: Path, **kwargs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    im.save(tmp, **kwargs)
+    os.replace(tmp, path)

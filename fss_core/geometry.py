@@ -1,0 +1,37 @@
+"""The input geometry shared by extraction, training and evaluation.
+
+An image of size (h, w) is resized so that its longer side is ``long_side``, both sides
+floored to a multiple of ``multiple``, and pasted at the top-left of a square canvas of
+side ``long_side``. Only the top-left ``valid`` region holds image content; the rest is
+padding that must never reach a mask or a loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PadGeometry:
+    """Where an (h, w) image lands on the square canvas."""
+
+    orig_h: int
+    orig_w: int
+    new_h: int  # resized height, a multiple of `multiple`
+    new_w: int
+    canvas: int  # side of the square canvas
+
+    def valid_cells(self, stride: int) -> tuple[int, int]:
+        """Feature cells (rows, cols) at ``stride`` that overlap image content."""
+        return math.ceil(self.new_h / stride), math.ceil(self.new_w / stride)
+
+
+def pad_geometry(h: int, w: int, long_side: int, multiple: int = 8) -> PadGeometry:
+    """Geometry of the reference preprocessing: longer side → ``long_side``, floor to ×multiple."""
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image size must be positive, got {h}x{w}")
+    scale = long_side / max(h, w)
+    new_h = max(multiple, int(h * scale + 0.5) // multiple * multiple)
+    new_w = max(multiple, int(w * scale + 0.5) // multiple * multiple)
+    return PadGeometry(h, w, min(new_h, long_side), min(new_w, long_side), long_side)

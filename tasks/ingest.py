@@ -1,0 +1,81 @@
+"""Ingest: materialise the source (synthetic data if none) and build the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+
+import mlflow
+from prefect import task
+
+from fss_core.config import PipelineConfig
+from fss_core.data.manifest import build_manifest, read_manifest, write_manifest
+from fss_core.data.synthetic import synthesize
+from tasks.tracking import stage_run
+from tasks.workspace import atomic_write_text, source_root, workspace_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What ingest did; ``build_key`` changes whenever any image's content changes."""
+
+    build_key: str
+    total: int
+    ok: int
+    added: int
+    changed: int
+    skipped: int
+    removed: int
+
+
+def ensure_synthetic(cfg: PipelineConfig) -> None:
+    """Generate the synthetic dataset into the workspace once per synthetic config."""
+    if cfg.data.source is not None:
+        return
+    root = workspace_of(cfg).synthetic_data
+    stamp = root / ".synthetic.json"
+    wanted = cfg.data.synthetic.model_dump(mode="json")
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return
+    log.info("generating synthetic data into %s", root)
+    s = cfg.data.synthetic
+    synthesize(root, seed=s.seed, classes=s.classes, images=s.images, size=s.size)
+    atomic_write_text(stamp, json.dumps(wanted))
+
+
+def run_ingest(cfg: PipelineConfig, parent_run_id: str | None = None) -> IngestResult:
+    """Scan the source, update the manifest (new files only), log counts to MLflow."""
+    ensure_synthetic(cfg)
+    ws = workspace_of(cfg)
+    existing = read_manifest(ws.manifest) if ws.manifest.is_file() else None
+    update = build_manifest(source_root(cfg), layout=cfg.data.layout, existing=existing)
+    write_manifest(ws.manifest, update.rows)
+    digest = hashlib.sha256()
+    for row in update.rows:
+        digest.update(f"{row.image_id}\t{row.sha256}\t{row.status}\t{row.split}\n".encode())
+    result = IngestResult(
+        build_key=digest.hexdigest()[:16],
+        total=len(update.rows),
+        ok=sum(r.status == "ok" for r in update.rows),
+        added=len(update.added),
+        changed=len(update.changed),
+        skipped=sum(r.status == "skipped" for r in update.rows),
+        removed=len(update.removed),
+    )
+    with stage_run(cfg, "ingest", parent_run_id, result.build_key):
+        mlflow.log_metrics({k: v for k, v in asdict(result).items() if isinstance(v, int)})
+        skipped = [r.model_dump(mode="json") for r in update.rows if r.status == "skipped"]
+        if skipped:
+            mlflow.log_dict({"skipped": skipped}, "ingest/skipped.json")
+    log.info("ingest: %d images (%d new, %d changed, %d skipped)", result.total, result.added,
+             result.changed, result.skipped)
+    return result
+
+
+@task(name="ingest", retries=1)
+def ingest_task(config: dict, parent_run_id: str | None = None) -> IngestResult:
+    return run_ingest(PipelineConfig.model_validate(config), parent_run_id)

@@ -1,0 +1,84 @@
+"""The config tree: defaults ← YAML ← overrides; unknown keys fail with the key's name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fss_core.config import ConfigError, PipelineConfig, load_config
+
+
+def test_defaults_follow_the_reference():
+    cfg = load_config()
+    assert cfg.cluster.num_clusters == 30
+    assert cfg.train.sgd_lr_scale == 15.0  # the reference's hidden factor, now explicit
+    assert cfg.train.base_lr == 0.002 and cfg.train.transformer_lr == 1e-4
+    assert cfg.pseudo.min_area == 2048
+
+
+def test_yaml_then_overrides_take_precedence(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"epochs": 7, "shots": 5}, "cluster": {"num_clusters": 12}}))
+    cfg = load_config(path, ["train.epochs=3", "evaluate.shots=[1]", "extract.checkpoint=/w/m.pth"])
+    assert cfg.train.epochs == 3  # override beats file
+    assert cfg.train.shots == 5  # file beats default
+    assert cfg.cluster.num_clusters == 12
+    assert cfg.evaluate.shots == [1]
+    assert str(cfg.extract.checkpoint) == "/w/m.pth"
+    assert cfg.train.batch_size == PipelineConfig().train.batch_size  # untouched default
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("train.epochz=3", "unknown config key 'train.epochz'"), ("trian.epochs=3", "unknown config key 'trian'"),
+     ("cluster.seed.x=1", "config key 'cluster.seed'")],
+)
+def test_unknown_override_key_is_named(override, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert named in str(err.value)
+
+
+def test_unknown_key_in_file_is_named_with_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("cluster:\n  num_clusterz: 10\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'cluster.num_clusterz'.*bad.yaml"):
+        load_config(path)
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"train.epochs.*'many'"):
+        load_config(None, ["train.epochs=many"])
+
+
+def test_finetune_needs_a_label_fraction():
+    with pytest.raises(ConfigError, match="label_fraction"):
+        load_config(None, ["train.mode=finetune"])
+    assert load_config(None, ["train.mode=finetune", "train.label_fraction=10"]).train.label_fraction == 10
+
+
+def test_section_key_changes_only_with_its_section():
+    a = load_config()
+    b = load_config(None, ["train.epochs=1"])
+    assert a.section_key("cluster") == b.section_key("cluster")
+    assert a.section_key("train") != b.section_key("train")
+
+
+def test_cli_reports_unknown_key_and_exits_nonzero():
+    proc = subprocess.run([sys.executable, "-m", "fss_cli.main", "config", "show", "--set", "train.epochz=3"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "train.epochz" in proc.stderr
+
+
+def test_saved_run_holds_resolved_config_and_commit(tmp_path):
+    from tasks.workspace import Workspace, save_resolved_config
+
+    cfg = load_config(None, ["train.epochs=9"])
+    folder = save_resolved_config(cfg, Workspace(tmp_path).ensure(), run_name="r1")
+    saved = load_config(folder / "config.yaml")
+    assert saved == cfg
+    assert (folder / "git_commit.txt").read_text().strip()
