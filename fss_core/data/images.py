@@ -27,7 +27,7 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL raises all three on bad files
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # PIL's failure modes
         raise ImageReadError(f"{path}: not a readable image ({exc})") from exc
 
 
