@@ -117,7 +117,7 @@ def prepare_sbd_cmd(
     from fss_core.data.prepare import prepare_sbd
 
     _setup_logging()
-    typer.echo(prepare_sbd(sbd_root, voc_root, out))
+    typer.echo(prepare_sbd(sbd_root, voc_root, out).summary())
 
 
 @prepare_app.command("coco")
@@ -130,7 +130,7 @@ def prepare_coco_cmd(
     from fss_core.data.prepare import prepare_coco
 
     _setup_logging()
-    typer.echo(prepare_coco(coco_root, split, overwrite=overwrite))
+    typer.echo(prepare_coco(coco_root, split, overwrite=overwrite).summary())
 
 
 @prepare_app.command("lists")
@@ -148,7 +148,7 @@ def prepare_lists_cmd(
 
     _setup_logging()
     typer.echo(prepare_lists(root, layout, out, scheme=scheme, seed=seed, min_area=min_area,
-                             num_classes=num_classes))
+                             num_classes=num_classes).summary())
 
 
 def _run_pipeline(cfg, dask_address: str | None) -> dict:
@@ -184,6 +184,26 @@ def demo(
     from fss_cli.report import print_summary
 
     print_summary(cfg, results)
+
+
+@app.command("serve")
+def serve_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    dask_address: Annotated[Optional[str], typer.Option(help="Dask scheduler for served runs")] = None,
+    mlflow_tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI for served runs")] = None,
+    retrain_cron: Annotated[str, typer.Option(help="Cron schedule of the retrain deployment")] = "0 2 * * *",
+) -> None:
+    """Serve the deployments (pipeline: manual runs; retrain: cron) against PREFECT_API_URL."""
+    _setup_logging()
+    overrides = list(set_ or [])
+    if mlflow_tracking_uri:
+        overrides.append(f"runtime.mlflow_tracking_uri={mlflow_tracking_uri}")
+    _config(config, overrides)  # fail now, not at the first triggered run
+    from flows.deploy import serve_deployments
+
+    serve_deployments(config_path=str(config.resolve()) if config else None, overrides=overrides,
+                      dask_address=dask_address, retrain_cron=retrain_cron)
 
 
 def main() -> None:  # pragma: no cover - console entry point

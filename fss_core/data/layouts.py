@@ -1,0 +1,197 @@
+"""Readers for the dataset layouts the pipeline accepts.
+
+- ``folder``: any folder of unlabeled images, searched recursively.
+- ``voc``: PASCAL VOC layout, ``JPEGImages/*.jpg`` + ``SegmentationClassAug/*.png``, with split
+  lists ``lists/{split}.txt`` (the standard PASCAL-5i lists are shipped as a fallback).
+- ``coco``: COCO 2014 layout, ``{train,val}2014/*.jpg`` + ``annotations/{train,val}2014/*.png``
+  (semantic masks made by ``fss_core.data.prepare.prepare_coco``).
+
+Split lists use the PFENet format: one ``IMAGE_RELPATH LABEL_RELPATH`` pair per line, paths
+relative to the dataset root. Every reader returns records sorted by ``image_id``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fss_core.data.images import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("voc", "coco", "folder")
+VOC_IMAGE_DIR = "JPEGImages"
+VOC_LABEL_DIR = "SegmentationClassAug"
+COCO_SPLITS = ("train", "val")
+
+
+class DatasetLayoutError(ValueError):
+    """A dataset tree or split list does not match its layout; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a dataset; ``label_path`` is None for unlabeled images."""
+
+    image_id: str  # unique within a dataset and stable across runs
+    image_path: Path
+    label_path: Path | None
+    split: str | None
+
+
+def read_folder(root: str | os.PathLike) -> list[ImageRecord]:
+    """Every image under ``root`` (recursive; hidden files and folders skipped).
+
+    ``image_id`` is the path relative to ``root`` without its suffix, with ``/`` separators.
+    """
+    root = _existing_dir(root)
+    by_id: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # prune hidden folders in place
+        for name in filenames:
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            path = Path(dirpath, name)
+            image_id = path.relative_to(root).with_suffix("").as_posix()
+            if image_id in by_id:
+                raise DatasetLayoutError(
+                    f"{root}: {by_id[image_id].name} and {name} in {Path(dirpath)} share the image id "
+                    f"{image_id!r}; rename one of them"
+                )
+            by_id[image_id] = path
+    if not by_id:
+        log.warning("no images with suffixes %s found under %s", IMAGE_SUFFIXES, root)
+    return [ImageRecord(i, by_id[i], None, None) for i in sorted(by_id)]
+
+
+def read_list(
+    root: str | os.PathLike, list_file: str | os.PathLike, split: str | None = None
+) -> list[ImageRecord]:
+    """Records of a PFENet-format list (``IMAGE_RELPATH LABEL_RELPATH`` per line, relative to ``root``).
+
+    ``image_id`` is the stem of the image path. Blank lines are ignored; a malformed line, a
+    duplicate image id or a missing file raises ``DatasetLayoutError`` naming the list and line.
+    """
+    root, list_file = Path(root), Path(list_file)
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DatasetLayoutError(f"{list_file}: cannot read split list ({exc})") from exc
+    records: dict[str, ImageRecord] = {}
+    line_of: dict[str, int] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            raise DatasetLayoutError(
+                f"{list_file}:{lineno}: expected 'IMAGE_RELPATH LABEL_RELPATH', got {line.strip()!r}"
+            )
+        image_path, label_path = root / fields[0], root / fields[1]
+        for path in (image_path, label_path):
+            if not path.is_file():
+                raise DatasetLayoutError(f"{list_file}:{lineno}: missing file {path}")
+        image_id = Path(fields[0]).stem
+        if image_id in records:
+            raise DatasetLayoutError(
+                f"{list_file}:{lineno}: image id {image_id!r} already listed on line {line_of[image_id]}"
+            )
+        records[image_id] = ImageRecord(image_id, image_path, label_path, split)
+        line_of[image_id] = lineno
+    return [records[i] for i in sorted(records)]
+
+
+def shipped_list(dataset: str, split: str) -> Path:
+    """Path of a split list shipped with the package, e.g. ``shipped_list("pascal", "train")``."""
+    path = Path(__file__).parent / "lists" / dataset / f"{split}.txt"
+    if not path.is_file():
+        raise DatasetLayoutError(f"no shipped list for dataset {dataset!r}, split {split!r} (looked for {path})")
+    return path
+
+
+def read_voc(root: str | os.PathLike, split: str | None) -> list[ImageRecord]:
+    """A VOC-layout dataset's ``split``, from ``root/lists/{split}.txt`` or the shipped PASCAL lists.
+
+    With ``split=None``: every image in ``JPEGImages/``, paired with its label when it exists.
+    """
+    root = _existing_dir(root)
+    if split is None:
+        return _pair_folder(root / VOC_IMAGE_DIR, root / VOC_LABEL_DIR, None)
+    list_file = root / "lists" / f"{split}.txt"
+    if not list_file.is_file():
+        list_file = shipped_list("pascal", split)
+        log.info("%s has no lists/%s.txt; using the shipped PASCAL-5i list %s", root, split, list_file)
+    return read_list(root, list_file, split)
+
+
+def read_coco(root: str | os.PathLike, split: str | None) -> list[ImageRecord]:
+    """A COCO-2014-layout dataset's ``split`` ("train" or "val"; None = both).
+
+    From ``root/lists/{split}.txt`` if present, else every ``{split}2014/*.jpg`` paired with
+    ``annotations/{split}2014/<stem>.png`` (``label_path`` None where that PNG is missing).
+    """
+    root = _existing_dir(root)
+    if split is None:
+        return sorted(
+            (r for s in COCO_SPLITS for r in read_coco(root, s)), key=lambda r: r.image_id
+        )
+    if split not in COCO_SPLITS:
+        raise ValueError(f"COCO split must be one of {COCO_SPLITS}, got {split!r}")
+    list_file = root / "lists" / f"{split}.txt"
+    if list_file.is_file():
+        return read_list(root, list_file, split)
+    return _pair_folder(root / f"{split}2014", root / "annotations" / f"{split}2014", split)
+
+
+def detect_layout(root: str | os.PathLike) -> str:
+    """``"voc"`` if ``root/JPEGImages`` exists, ``"coco"`` if ``root/{train,val}2014`` does, else ``"folder"``."""
+    root = _existing_dir(root)
+    if (root / VOC_IMAGE_DIR).is_dir():
+        return "voc"
+    if any((root / f"{s}2014").is_dir() for s in COCO_SPLITS):
+        return "coco"
+    return "folder"
+
+
+def read_dataset(root: str | os.PathLike, layout: str = "auto", split: str | None = None) -> list[ImageRecord]:
+    """Records of a dataset in any supported layout (``"auto"`` = ``detect_layout``)."""
+    if layout == "auto":
+        layout = detect_layout(root)
+    if layout == "voc":
+        return read_voc(root, split)
+    if layout == "coco":
+        return read_coco(root, split)
+    if layout == "folder":
+        if split is not None:
+            raise ValueError(f"{root}: a plain image folder has no splits, got split={split!r}")
+        return read_folder(root)
+    raise ValueError(f"unknown layout {layout!r}; expected 'auto' or one of {LAYOUTS}")
+
+
+def _pair_folder(image_dir: Path, label_dir: Path, split: str | None) -> list[ImageRecord]:
+    """Images directly inside ``image_dir``, each paired with ``label_dir/<stem>.png`` if present."""
+    if not image_dir.is_dir():
+        raise DatasetLayoutError(f"image folder {image_dir} does not exist")
+    by_id: dict[str, Path] = {}
+    for path in image_dir.iterdir():
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.stem in by_id:
+            raise DatasetLayoutError(
+                f"{image_dir}: {by_id[path.stem].name} and {path.name} share the image id {path.stem!r}"
+            )
+        by_id[path.stem] = path
+    records = []
+    for image_id in sorted(by_id):
+        label = label_dir / f"{image_id}.png"
+        records.append(ImageRecord(image_id, by_id[image_id], label if label.is_file() else None, split))
+    return records
+
+
+def _existing_dir(root: str | os.PathLike) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root {root} is not a folder")
+    return root
