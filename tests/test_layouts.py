@@ -175,3 +175,19 @@ def test_shipped_pascal_lists_have_the_standard_sizes_and_do_not_overlap():
     train_ids, val_ids = {Path(i).stem for i, _ in train}, {Path(i).stem for i, _ in val}
     assert len(train_ids) == 5953 and len(val_ids) == 1449
     assert not train_ids & val_ids
+
+
+def test_voc_without_split_takes_each_images_split_from_the_lists(tmp_path):
+    from fss_core.data.images import save_label, save_rgb
+    from fss_core.data.layouts import read_voc
+
+    import numpy as np
+
+    for i in range(3):
+        save_rgb(tmp_path / "JPEGImages" / f"im{i}.jpg", np.zeros((8, 8, 3), np.uint8))
+        save_label(tmp_path / "SegmentationClassAug" / f"im{i}.png", np.zeros((8, 8), np.uint8))
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "train.txt").write_text("JPEGImages/im0.jpg SegmentationClassAug/im0.png\n")
+    (tmp_path / "lists" / "val.txt").write_text("JPEGImages/im1.jpg SegmentationClassAug/im1.png\n")
+    splits = {r.image_id: r.split for r in read_voc(tmp_path, None)}
+    assert splits == {"im0": "train", "im1": "val", "im2": None}

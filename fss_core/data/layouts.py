@@ -12,6 +12,8 @@ relative to the dataset root. Every reader returns records sorted by ``image_id`
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 from dataclasses import dataclass
@@ -114,11 +116,20 @@ def shipped_list(dataset: str, split: str) -> Path:
 def read_voc(root: str | os.PathLike, split: str | None) -> list[ImageRecord]:
     """A VOC-layout dataset's ``split``, from ``root/lists/{split}.txt`` or the shipped PASCAL lists.
 
-    With ``split=None``: every image in ``JPEGImages/``, paired with its label when it exists.
+    With ``split=None``: every image in ``JPEGImages/``, paired with its label when it exists,
+    and with the split of the dataset's own ``lists/{train,val}.txt`` that names it (else None).
     """
     root = _existing_dir(root)
     if split is None:
-        return _pair_folder(root / VOC_IMAGE_DIR, root / VOC_LABEL_DIR, None)
+        split_of: dict[str, str] = {}
+        for name in ("train", "val"):
+            list_file = root / "lists" / f"{name}.txt"
+            if list_file.is_file():
+                split_of.update((r.image_id, name) for r in read_list(root, list_file, name))
+        return [
+            dataclasses.replace(r, split=split_of.get(r.image_id))
+            for r in _pair_folder(root / VOC_IMAGE_DIR, root / VOC_LABEL_DIR, None)
+        ]
     list_file = root / "lists" / f"{split}.txt"
     if not list_file.is_file():
         list_file = shipped_list("pascal", split)

@@ -1,0 +1,50 @@
+"""Deployments: the pipeline for manual runs from the Prefect UI, retraining on a schedule.
+
+``fss serve`` calls :func:`serve_deployments`; it is a long-running process that polls the
+Prefect server (``PREFECT_API_URL``) and runs triggered or scheduled flow runs.
+"""
+
+from __future__ import annotations
+
+from prefect import serve
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+
+from flows.pipeline import pipeline
+
+
+def build_deployments(
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    dask_address: str | None = None,
+    retrain_cron: str | None = "0 2 * * *",
+) -> list[RunnerDeployment]:
+    """The deployments ``fss serve`` serves; parameters are editable per run in the UI."""
+    params = {"config_path": config_path, "overrides": list(overrides or []), "dask_address": dask_address}
+    deployments = [
+        pipeline.to_deployment(
+            name="manual",
+            parameters=params,
+            description="The whole pipeline; start it from the UI with a config path and overrides.",
+            tags=["fss"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+    ]
+    try:
+        from flows.retrain import retrain
+    except ImportError:  # the retraining flow is optional for a pipeline-only server
+        return deployments
+    deployments.append(
+        retrain.to_deployment(
+            name="scheduled",
+            cron=retrain_cron,
+            parameters=params,
+            description="Retrain when enough new unlabeled images have arrived.",
+            tags=["fss"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+    )
+    return deployments
+
+
+def serve_deployments(**kwargs) -> None:
+    serve(*build_deployments(**kwargs))

@@ -1,0 +1,29 @@
+"""Build keys: a stage's output is keyed by its config section(s) and its inputs' keys.
+
+Same key ⇒ the stored output is reused; a changed setting changes this stage's key and,
+through the chain, every later stage's — never an earlier one's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from fss_core.config import PipelineConfig
+
+# Which config sections shape each stage's output.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "extract": ("extract",),
+    "cluster": ("cluster",),
+    "pseudo": ("pseudo",),
+    "task_index": ("pseudo",),
+    "train": ("train",),
+    "evaluate": ("evaluate",),
+}
+
+
+def build_key(stage: str, cfg: PipelineConfig, *input_keys: str | None) -> str:
+    """16 hex digits naming (stage, its config sections, its inputs' keys)."""
+    sections = {s: getattr(cfg, s).model_dump(mode="json") for s in STAGE_SECTIONS.get(stage, ())}
+    payload = json.dumps({"stage": stage, "sections": sections, "inputs": list(input_keys)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
