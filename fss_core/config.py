@@ -32,6 +32,12 @@ class SyntheticConfig(_Section):
     images: int = Field(480, ge=2)
     size: int = Field(128, ge=32)
 
+    @model_validator(mode="after")
+    def _every_class_in_both_splits(self) -> SyntheticConfig:
+        if self.images < 2 * self.classes:
+            raise ValueError(f"images must be >= 2 * classes = {2 * self.classes} so every class is in train and val")
+        return self
+
 
 class DataConfig(_Section):
     """Where the images come from and how classes are split into folds."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass
 
 import mlflow
@@ -41,6 +42,8 @@ def ensure_synthetic(cfg: PipelineConfig) -> None:
     wanted = cfg.data.synthetic.model_dump(mode="json")
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return
+    if root.exists():  # the workspace's own copy: regenerate whole, leaving no stale images behind
+        shutil.rmtree(root)
     log.info("generating synthetic data into %s", root)
     s = cfg.data.synthetic
     synthesize(root, seed=s.seed, classes=s.classes, images=s.images, size=s.size)
