@@ -1,0 +1,289 @@
+"""Few-shot episodes: pseudo meta-tasks (unsupervised meta-training) and PFENet-style
+supervised episodes (fine-tuning with a fraction of the labels).
+
+An episode is one query image and ``S`` support images with binary masks of one class:
+1 = the class, 0 = everything else, 255 = ignore (label boundaries, rotation borders, crop
+padding). Every sample is drawn from a generator seeded by ``(seed, epoch, index)``, so a
+resumed epoch reproduces exactly and every epoch differs (call ``set_epoch``).
+
+Support sampling, both datasets: supports never include the query image and never repeat.
+When too few distinct candidates exist the pool is widened (pseudo: other members of the
+cluster beyond the similarity prior); if the whole pool is still smaller than ``S``, supports
+are drawn with replacement and this is logged once per class. Classes with no image other
+than the query cannot form an episode, so such (image, class) pairs are never chosen as
+queries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fss_core.data.augment import EvalTransform, TrainTransform
+from fss_core.data.images import IGNORE_LABEL, load_label, load_rgb
+from fss_core.data.layouts import ImageRecord
+from fss_core.pseudo.task_index import PseudoTaskIndex, scaled_min_area
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Episode:
+    """One few-shot task; ``H = W = size`` after the transform, ``S`` = shots."""
+
+    query_img: torch.Tensor  # [3, H, W] float32, ImageNet-normalised
+    query_mask: torch.Tensor  # [H, W] int64 in {0, 1, 255}
+    query_padding: torch.Tensor  # [H, W] bool, True = not image content
+    support_imgs: torch.Tensor  # [S, 3, H, W]
+    support_masks: torch.Tensor  # [S, H, W] int64 in {0, 1, 255}
+    support_padding: torch.Tensor  # [S, H, W] bool
+    class_id: int  # cluster id (pseudo) or dataset class id (supervised)
+    query_id: str
+    support_ids: list[str]
+    query_hw: tuple[int, int]  # original (H0, W0) of the query image
+
+
+@dataclass
+class EpisodeBatch:
+    """A batch of ``B`` episodes: the tensors of :class:`Episode` stacked on a new first axis."""
+
+    query_img: torch.Tensor  # [B, 3, H, W]
+    query_mask: torch.Tensor  # [B, H, W]
+    query_padding: torch.Tensor  # [B, H, W]
+    support_imgs: torch.Tensor  # [B, S, 3, H, W]
+    support_masks: torch.Tensor  # [B, S, H, W]
+    support_padding: torch.Tensor  # [B, S, H, W]
+    class_id: torch.Tensor  # [B] int64
+    query_id: list[str]
+    support_ids: list[list[str]]
+    query_hw: torch.Tensor  # [B, 2] int64, original (H0, W0)
+
+    def _map_tensors(self, fn) -> EpisodeBatch:
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> EpisodeBatch:
+        """The same batch with every tensor moved to ``device``."""
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> EpisodeBatch:
+        """Page-locked copy (called by ``DataLoader(pin_memory=True)``)."""
+        return self._map_tensors(lambda t: t.pin_memory())
+
+
+def collate_episodes(episodes: Sequence[Episode]) -> EpisodeBatch:
+    """Stack episodes into an :class:`EpisodeBatch` (use as ``DataLoader(collate_fn=...)``)."""
+    if not episodes:
+        raise ValueError("cannot collate an empty list of episodes")
+    return EpisodeBatch(
+        query_img=torch.stack([e.query_img for e in episodes]),
+        query_mask=torch.stack([e.query_mask for e in episodes]),
+        query_padding=torch.stack([e.query_padding for e in episodes]),
+        support_imgs=torch.stack([e.support_imgs for e in episodes]),
+        support_masks=torch.stack([e.support_masks for e in episodes]),
+        support_padding=torch.stack([e.support_padding for e in episodes]),
+        class_id=torch.tensor([e.class_id for e in episodes], dtype=torch.int64),
+        query_id=[e.query_id for e in episodes],
+        support_ids=[list(e.support_ids) for e in episodes],
+        query_hw=torch.tensor([e.query_hw for e in episodes], dtype=torch.int64),
+    )
+
+
+def binary_label(label: np.ndarray, class_id: int) -> np.ndarray:
+    """``uint8 [H, W]``: 1 where ``label == class_id``, 255 where ``label == 255``, else 0."""
+    return np.where(label == IGNORE_LABEL, IGNORE_LABEL, label == class_id).astype(np.uint8)
+
+
+def _draw_distinct(primary: np.ndarray, fallback: np.ndarray, shots: int, rng: np.random.Generator,
+                   warned: set[int], class_id: int) -> np.ndarray:
+    """``shots`` distinct entries from ``primary``, topped up from ``fallback`` if it is too short;
+    with replacement from both (logged once per class) if even together they are too few."""
+    if len(primary) >= shots:
+        return rng.choice(primary, shots, replace=False)
+    if len(primary) + len(fallback) >= shots:
+        extra = rng.choice(fallback, shots - len(primary), replace=False)
+        return rng.permutation(np.concatenate([primary, extra]))
+    pool = np.concatenate([primary, fallback])
+    if class_id not in warned:
+        warned.add(class_id)
+        log.warning("class %d has only %d support candidates for %d shots; sampling with replacement",
+                    class_id, len(pool), shots)
+    return rng.choice(pool, shots, replace=True)
+
+
+class _EpisodeDataset(Dataset):
+    """Seeding, transforms and sample loading shared by both episode datasets."""
+
+    def __init__(self, shots: int, size: int, scale_range: tuple[float, float], rotate_degrees: float,
+                 seed: int, train: bool):
+        if shots < 1:
+            raise ValueError(f"shots must be >= 1, got {shots}")
+        self.shots = shots
+        self.seed = seed
+        self.train = train
+        self.epoch = 0
+        self.transform = TrainTransform(size, scale_range, rotate_degrees) if train else EvalTransform(size)
+        self._warned: set[int] = set()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's episodes (training only; evaluation episodes are the same every epoch)."""
+        self.epoch = epoch
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch if self.train else 0, index])
+
+    def _sample(self, image_path: Path, label_path: Path, class_id: int,
+                rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Load, binarise and transform one image: ``(img [3,H,W], mask [H,W], padding [H,W], (H0, W0))``."""
+        image = load_rgb(image_path)
+        label = load_label(label_path)
+        if label.shape != image.shape[:2]:
+            raise ValueError(f"{label_path}: label is {label.shape[0]}x{label.shape[1]} but image "
+                             f"{image_path} is {image.shape[0]}x{image.shape[1]}")
+        binary = binary_label(label, class_id)
+        out = self.transform(image, binary, rng) if self.train else self.transform(image, binary)
+        return (*out, label.shape)
+
+    def _episode(self, query: tuple[str, Path, Path], supports: list[tuple[str, Path, Path]], class_id: int,
+                 rng: np.random.Generator) -> Episode:
+        q_img, q_mask, q_pad, q_hw = self._sample(query[1], query[2], class_id, rng)
+        s = [self._sample(path, label, class_id, rng) for _, path, label in supports]
+        return Episode(
+            query_img=q_img, query_mask=q_mask, query_padding=q_pad,
+            support_imgs=torch.stack([x[0] for x in s]),
+            support_masks=torch.stack([x[1] for x in s]),
+            support_padding=torch.stack([x[2] for x in s]),
+            class_id=int(class_id), query_id=query[0], support_ids=[sid for sid, _, _ in supports],
+            query_hw=(int(q_hw[0]), int(q_hw[1])),
+        )
+
+
+class PseudoEpisodeDataset(_EpisodeDataset):
+    """Pseudo meta-tasks from a :class:`PseudoTaskIndex` (method.md §3).
+
+    One episode per query image per epoch. The query image picks one of its valid clusters
+    at random; the ``shots`` supports are distinct images drawn uniformly from the
+    similarity prior of that (image, cluster) occurrence. Masks are 1 where the pseudo mask
+    (``mask_dir/{image_id}.png``) equals the cluster. Only clusters with at least two
+    images can form an episode; images whose clusters are all singletons are not queries.
+    """
+
+    def __init__(self, index: PseudoTaskIndex, image_paths: Mapping[str, str | os.PathLike],
+                 mask_dir: str | os.PathLike, shots: int = 1, size: int = 473,
+                 scale_range: tuple[float, float] = (0.9, 1.1), rotate_degrees: float = 10.0, seed: int = 0):
+        super().__init__(shots, size, scale_range, rotate_degrees, seed, train=True)
+        self.index = index
+        self.mask_dir = Path(mask_dir)
+        counts = np.bincount(index.occ_cluster.astype(np.int64), minlength=index.num_clusters)
+        self._members = {int(c): np.flatnonzero(index.occ_cluster == c) for c in np.flatnonzero(counts)}
+        eligible = np.flatnonzero(counts[index.occ_cluster.astype(np.int64)] >= 2)
+        images = np.unique(index.occ_image[eligible])
+        self._query_occurrences = [eligible[index.occ_image[eligible] == i] for i in images]
+        indexed = np.unique(index.occ_image)
+        used = [index.image_ids[i] for i in indexed]
+        missing = [i for i in used if i not in image_paths]
+        if missing:
+            raise ValueError(f"image_paths has no path for {len(missing)} indexed images, e.g. {missing[:3]}")
+        self._paths = {i: Path(image_paths[i]) for i in used}
+        if len(images) < len(indexed):
+            log.info("%d of %d indexed images have only single-image clusters and are not queries",
+                     len(indexed) - len(images), len(indexed))
+
+    def __len__(self) -> int:
+        return len(self._query_occurrences)
+
+    def support_occurrences(self, occurrence: int, rng: np.random.Generator) -> np.ndarray:
+        """``[shots]`` occurrence rows supporting ``occurrence``: distinct images, never its own."""
+        index = self.index
+        cluster = int(index.occ_cluster[occurrence])
+        own_image = index.occ_image[occurrence]
+        prior = index.prior(occurrence)
+        prior = prior[index.occ_image[prior] != own_image]
+        members = self._members[cluster]
+        others = members[(index.occ_image[members] != own_image) & ~np.isin(members, prior)]
+        return _draw_distinct(prior, others, self.shots, rng, self._warned, cluster)
+
+    def _item(self, row: int) -> tuple[str, Path, Path]:
+        image_id = self.index.image_ids[self.index.occ_image[row]]
+        return image_id, self._paths[image_id], self.mask_dir / f"{image_id}.png"
+
+    def __getitem__(self, i: int) -> Episode:
+        rng = self._rng(i)
+        candidates = self._query_occurrences[i]
+        occurrence = int(candidates[rng.integers(len(candidates))])
+        supports = self.support_occurrences(occurrence, rng)
+        cluster = int(self.index.occ_cluster[occurrence])
+        return self._episode(self._item(occurrence), [self._item(int(r)) for r in supports], cluster, rng)
+
+
+class SupervisedEpisodeDataset(_EpisodeDataset):
+    """PFENet episodes from labelled images, restricted to ``classes`` (e.g. a fold's base classes).
+
+    - An image qualifies if it holds a class of ``classes`` with at least
+      ``scaled_min_area(min_area, area_reference, H, W)`` pixels; the query class is drawn
+      uniformly among its qualifying classes.
+    - Supports are other qualifying images of that class, distinct.
+    - Masks: 1 for the class, 255 kept, 0 elsewhere — pixels of every other class, including
+      classes outside ``classes`` (novel classes in base-class images), are background.
+    - ``image_ids`` restricts queries and supports to a subset (a label-fraction list).
+    - ``train=False``: the deterministic :class:`EvalTransform`, and the same episodes every epoch.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], classes: Sequence[int], shots: int = 1, size: int = 473,
+                 min_area: int = 2048, area_reference: int | None = 473, image_ids: Sequence[str] | None = None,
+                 scale_range: tuple[float, float] = (0.9, 1.1), rotate_degrees: float = 10.0, seed: int = 0,
+                 train: bool = True):
+        super().__init__(shots, size, scale_range, rotate_degrees, seed, train)
+        classes = sorted({int(c) for c in classes})
+        bad = [c for c in classes if not 0 < c < IGNORE_LABEL]
+        if bad:
+            raise ValueError(f"classes must be ids in 1..254, got {bad}")
+        if image_ids is not None:
+            wanted = set(image_ids)
+            unknown = wanted - {r.image_id for r in records}
+            if unknown:
+                raise ValueError(f"image_ids names {len(unknown)} images not in records, e.g. {sorted(unknown)[:3]}")
+            records = [r for r in records if r.image_id in wanted]
+        unlabeled = [r.image_id for r in records if r.label_path is None]
+        if unlabeled:
+            raise ValueError(f"{len(unlabeled)} records have no label_path, e.g. {unlabeled[:3]}")
+        self.records = list(records)
+        present: list[list[int]] = []
+        for record in self.records:
+            label = load_label(record.label_path)
+            areas = np.bincount(label.ravel(), minlength=256)
+            threshold = scaled_min_area(min_area, area_reference, *label.shape)
+            present.append([c for c in classes if areas[c] >= threshold])
+        self.class_images = {c: np.asarray([i for i, p in enumerate(present) if c in p], dtype=np.int64)
+                             for c in classes}
+        self._query_classes = []
+        self._query_records = []
+        for i, p in enumerate(present):
+            usable = [c for c in p if len(self.class_images[c]) >= 2]
+            if usable:
+                self._query_records.append(i)
+                self._query_classes.append(usable)
+        log.info("%d of %d images qualify as queries for %d classes", len(self._query_records),
+                 len(self.records), len(classes))
+
+    def __len__(self) -> int:
+        return len(self._query_records)
+
+    def _item(self, record_index: int) -> tuple[str, Path, Path]:
+        record = self.records[record_index]
+        return record.image_id, Path(record.image_path), Path(record.label_path)
+
+    def __getitem__(self, i: int) -> Episode:
+        rng = self._rng(i)
+        query = self._query_records[i]
+        class_id = int(rng.choice(self._query_classes[i]))
+        others = self.class_images[class_id][self.class_images[class_id] != query]
+        supports = _draw_distinct(others, others[:0], self.shots, rng, self._warned, class_id)
+        return self._episode(self._item(query), [self._item(int(r)) for r in supports], class_id, rng)

@@ -1,0 +1,203 @@
+"""Pseudo task index: valid pseudo-classes, prototypes, the similarity prior, the tasks store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from fss_core.data.images import save_label
+from fss_core.pseudo.task_index import (
+    PseudoTaskIndex,
+    build_task_index,
+    masked_mean_prototypes,
+    scaled_min_area,
+    similarity_prior,
+    valid_pseudo_classes,
+)
+
+C = 5
+
+
+# --- valid pseudo-classes -------------------------------------------------------------------
+
+def test_valid_classes_reject_stripes_and_small_blobs_and_keep_blobs_with_exact_area():
+    mask = np.zeros((40, 60), dtype=np.uint8)  # cluster 0 fills the rest and every column: background-like
+    mask[10:14, :] = 1  # full-width stripe
+    mask[30:33, 2:5] = 3  # 9 px, below min_area
+    mask[18:28, 5:17] = 4  # proper blob, 10 x 12
+    mask[30:38, 20:35] = 5  # proper blob, 8 x 15
+    assert valid_pseudo_classes(mask, min_area=20) == [(4, 120), (5, 120)]
+    assert valid_pseudo_classes(mask, min_area=121) == []
+
+
+def test_background_span_is_fewer_than_one_percent_empty_rows_or_columns():
+    mask = np.zeros((100, 100), dtype=np.uint8)
+    mask[1:, 40:60] = 1  # 99 of 100 rows: 1 % empty, not fewer -> kept
+    mask[:, 70:80] = 2  # full-height stripe -> background-like
+    assert [c for c, _ in valid_pseudo_classes(mask, min_area=1)] == [1]
+    assert [c for c, _ in valid_pseudo_classes(mask.T, min_area=1)] == [1]  # the same rule on columns
+
+
+def test_ignore_label_is_never_a_class():
+    mask = np.zeros((40, 40), dtype=np.uint8)
+    mask[5:15, 5:15] = 255
+    mask[20:30, 20:30] = 3
+    assert valid_pseudo_classes(mask, min_area=1) == [(3, 100)]
+
+
+def test_min_area_scales_with_image_area():
+    assert scaled_min_area(2048, 473, 473, 473) == 2048
+    assert scaled_min_area(2048, 473, 946, 473) == 4096
+    assert scaled_min_area(2048, None, 100, 100) == 2048
+    assert scaled_min_area(1, 473, 10, 10) == 1
+
+
+# --- prototypes -------------------------------------------------------------------------------
+
+def brute_force_mean(features: np.ndarray, mask: np.ndarray, cluster: int) -> np.ndarray:
+    """Supersample both to a common grid (H·r × W·c) where every cell and pixel is whole."""
+    (_, r, c), (h, w) = features.shape, mask.shape
+    fine_mask = np.repeat(np.repeat(mask == cluster, r, axis=0), c, axis=1)
+    fine_feat = np.repeat(np.repeat(features.astype(np.float64), h, axis=1), w, axis=2)
+    return fine_feat[:, fine_mask].mean(axis=1)
+
+
+@pytest.mark.parametrize("hw, rc", [((40, 60), (4, 6)), ((35, 50), (4, 6)), ((23, 31), (5, 3))])
+def test_prototype_is_the_masked_mean_of_features_over_the_region(hw, rc):
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((C, *rc)).astype(np.float32)
+    mask = rng.integers(0, 3, size=hw).astype(np.uint8)
+    mask[: hw[0] // 2, : hw[1] // 2] = 1
+    got = masked_mean_prototypes(features, mask, [0, 1, 2])
+    for i, cluster in enumerate([0, 1, 2]):
+        np.testing.assert_allclose(got[i], brute_force_mean(features, mask, cluster), rtol=1e-5, atol=1e-6)
+
+
+# --- similarity prior -------------------------------------------------------------------------
+
+def brute_force_prior(unit: np.ndarray, members: np.ndarray, i: int, k: int) -> list[int]:
+    others = [j for j in members if j != i]
+    sims = [float(unit[i] @ unit[j]) for j in others]
+    return [others[t] for t in np.argsort(sims)[::-1][:k]]
+
+
+def test_prior_length_rule_and_most_similar_first():
+    rng = np.random.default_rng(1)
+    sizes = {0: 7, 1: 45, 2: 30, 3: 1}
+    occ_cluster = rng.permutation(np.concatenate([[c] * n for c, n in sizes.items()])).astype(np.int16)
+    protos = rng.standard_normal((len(occ_cluster), 8)).astype(np.float32)
+    offsets, rows = similarity_prior(occ_cluster, protos, prior_max=20, prior_candidates=1000)
+    # n < 20: every other member; n >= 20: floor(n/2), capped by prior_max
+    expected_k = {0: 6, 1: 20, 2: 15, 3: 0}
+    unit = protos.astype(np.float64) / np.linalg.norm(protos, axis=1, keepdims=True)
+    for i, c in enumerate(occ_cluster):
+        got = rows[offsets[i]:offsets[i + 1]].tolist()
+        assert len(got) == expected_k[int(c)]
+        assert got == brute_force_prior(unit, np.flatnonzero(occ_cluster == c), i, expected_k[int(c)])
+
+
+def test_prior_searches_a_seeded_candidate_subset_for_large_clusters():
+    rng = np.random.default_rng(2)
+    occ_cluster = np.zeros(60, dtype=np.int16)
+    protos = rng.standard_normal((60, 4)).astype(np.float32)
+    offsets, rows = similarity_prior(occ_cluster, protos, prior_max=100, prior_candidates=25, seed=3)
+    lists = [rows[offsets[i]:offsets[i + 1]] for i in range(60)]
+    assert all(len(x) == 24 for x in lists)
+    assert all(i not in x for i, x in enumerate(lists))
+    assert len(set(np.concatenate(lists).tolist())) == 25  # one candidate subset for the whole cluster
+    again = similarity_prior(occ_cluster, protos, prior_max=100, prior_candidates=25, seed=3)
+    other = similarity_prior(occ_cluster, protos, prior_max=100, prior_candidates=25, seed=4)
+    assert np.array_equal(again[1], rows)
+    assert not np.array_equal(other[1], rows)
+
+
+# --- build from masks + an embeddings store --------------------------------------------------
+
+def make_store(tmp_path, masks: dict[str, np.ndarray], valid: dict[str, tuple[int, int]], grid: int = 6):
+    rng = np.random.default_rng(5)
+    ids = list(masks)
+    features = rng.standard_normal((len(ids), C, grid, grid)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    group = zarr.open_group(tmp_path / "embeddings.zarr", mode="w", zarr_format=3)
+    group.create_array("features", data=features.astype(np.float16), chunks=(1, C, grid, grid))
+    group.create_array("valid_hw", data=np.asarray([valid[i] for i in ids], dtype=np.int32))
+    group.create_array("image_hw", data=np.asarray([masks[i].shape for i in ids], dtype=np.int32))
+    group.attrs["image_ids"] = ids
+    mask_dir = tmp_path / "masks"
+    for image_id, mask in masks.items():
+        save_label(mask_dir / f"{image_id}.png", mask)
+    return group, mask_dir
+
+
+def blob_mask(h: int, w: int, blobs: dict[int, tuple[slice, slice]]) -> np.ndarray:
+    mask = np.zeros((h, w), dtype=np.uint8)
+    for cluster, window in blobs.items():
+        mask[window] = cluster
+    return mask
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    masks = {
+        "b": blob_mask(40, 60, {1: np.s_[5:20, 5:30], 2: np.s_[25:38, 30:55]}),
+        "a": blob_mask(35, 50, {1: np.s_[2:30, 10:20], 3: np.s_[1:3, 40:42]}),  # cluster 3: 4 px, too small
+        "c": blob_mask(40, 60, {}),  # only background: no occurrence
+        "d": blob_mask(40, 48, {2: np.s_[10:30, 10:30], 1: np.s_[32:39, 0:40]}),
+    }
+    valid = {"b": (4, 6), "a": (4, 6), "c": (4, 6), "d": (5, 6)}
+    group, mask_dir = make_store(tmp_path, masks, valid)
+    return group, mask_dir, masks, valid
+
+
+def test_build_lists_every_valid_occurrence_with_area_and_prototype(small_store):
+    group, mask_dir, masks, valid = small_store
+    index = build_task_index(mask_dir, group, ["d", "a", "b", "c"], num_clusters=4, min_area=20,
+                             area_reference=None)
+    assert index.image_ids == ["b", "a", "c", "d"]  # the store's row order
+    occurrences = [(index.image_ids[i], int(c), int(a))
+                   for i, c, a in zip(index.occ_image, index.occ_cluster, index.occ_area)]
+    assert occurrences == [("b", 1, 375), ("b", 2, 325), ("a", 1, 280), ("d", 1, 280), ("d", 2, 400)]
+    features = group["features"][...].astype(np.float32)
+    store_row = {image_id: n for n, image_id in enumerate(group.attrs["image_ids"])}
+    for row, (image_id, cluster, _) in enumerate(occurrences):
+        r, c = valid[image_id]
+        block = features[store_row[image_id], :, :r, :c]
+        np.testing.assert_allclose(index.occ_prototype[row], brute_force_mean(block, masks[image_id], cluster),
+                                   rtol=1e-5, atol=1e-6)
+    # cluster 1 has three members: each lists the two others; cluster 2 has two
+    for row in range(index.num_occurrences):
+        members = {r for r in range(index.num_occurrences) if index.occ_cluster[r] == index.occ_cluster[row]}
+        assert set(index.prior(row).tolist()) == members - {row}
+
+
+def test_build_is_deterministic_and_round_trips_through_the_tasks_store(small_store, tmp_path):
+    group, mask_dir, _, _ = small_store
+    kwargs = dict(num_clusters=4, min_area=20, area_reference=None, seed=7)
+    index = build_task_index(mask_dir, group, ["a", "b", "c", "d"], **kwargs)
+    again = build_task_index(mask_dir, group, ["a", "b", "c", "d"], **kwargs)
+    index.save(tmp_path / "tasks.zarr", build_key="0123456789abcdef")
+    loaded = PseudoTaskIndex.load(tmp_path / "tasks.zarr")
+    for other in (again, loaded):
+        assert other.image_ids == index.image_ids and other.num_clusters == index.num_clusters
+        for name in ("occ_image", "occ_cluster", "occ_area", "occ_prototype", "prior_offsets", "prior_rows"):
+            assert np.array_equal(getattr(other, name), getattr(index, name)), name
+            assert getattr(other, name).dtype == getattr(index, name).dtype, name
+
+
+def test_min_area_is_scaled_by_image_area(small_store):
+    group, mask_dir, _, _ = small_store
+    # 280 px blobs on 35x50 / 40x48 images fail a 473-reference threshold scaled to their size
+    index = build_task_index(mask_dir, group, ["a", "d"], num_clusters=4, min_area=40000, area_reference=473)
+    assert sorted(zip(index.occ_image.tolist(), index.occ_cluster.tolist())) == [(1, 2)]  # d's 400 px blob
+
+
+def test_bad_masks_fail_with_the_file_named(tmp_path):
+    group, mask_dir = make_store(tmp_path, {"x": blob_mask(40, 60, {5: np.s_[5:20, 5:30]})}, {"x": (4, 6)})
+    with pytest.raises(ValueError, match=r"x\.png.*num_clusters"):
+        build_task_index(mask_dir, group, ["x"], num_clusters=4, min_area=20)
+    group["image_hw"][0] = [41, 60]
+    with pytest.raises(ValueError, match=r"x\.png.*41x60"):
+        build_task_index(mask_dir, group, ["x"], num_clusters=8, min_area=20)
+    with pytest.raises(ValueError, match="not in the store"):
+        build_task_index(mask_dir, group, ["nope"], num_clusters=8, min_area=20)
