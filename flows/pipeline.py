@@ -6,12 +6,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from prefect import flow
+from prefect import flow, unmapped
 from prefect_dask import DaskTaskRunner
 
 from flows.dask_runtime import dask_cluster
-from fss_core.config import PipelineConfig, load_config
+from fss_core.config import load_config
+from tasks.cluster import cluster_task
+from tasks.extract import extract_finish_task, extract_prepare_task, extract_shard_task
 from tasks.ingest import ingest_task
+from tasks.pseudo import pseudo_finish_task, pseudo_prepare_task, pseudo_shard_task
+from tasks.task_index import task_index_task
 from tasks.tracking import pipeline_run
 from tasks.workspace import save_resolved_config, workspace_of
 
@@ -20,9 +24,23 @@ log = logging.getLogger(__name__)
 
 @flow(name="fss-stages", log_prints=True)
 def stages(config: dict, parent_run_id: str | None = None) -> dict[str, Any]:
-    """The DAG itself; runs on the Dask task runner it is given."""
+    """The DAG itself; runs on the Dask task runner it is given. Each stage skips itself
+    when its build key matches what is stored."""
+    cfg = unmapped(config)
     ingested = ingest_task.submit(config, parent_run_id).result()
-    return {"ingest": ingested}
+
+    plan = extract_prepare_task.submit(config, ingested.build_key, parent_run_id).result()
+    computed = extract_shard_task.map(cfg, unmapped(plan.backbone), plan.blocks, plan.paths)
+    plan = extract_finish_task.submit(config, plan, computed, parent_run_id).result()
+
+    clusters = cluster_task.submit(config, plan.output_key, parent_run_id).result()
+
+    masks = pseudo_prepare_task.submit(config, clusters.build_key).result()
+    written = pseudo_shard_task.map(cfg, unmapped(masks.build_key), masks.blocks, masks.paths)
+    quality = pseudo_finish_task.submit(config, masks, written, parent_run_id).result()
+
+    index = task_index_task.submit(config, masks.build_key, masks.image_ids, parent_run_id).result()
+    return {"ingest": ingested, "cluster": clusters, "pseudo_quality": quality, "task_index": index}
 
 
 @flow(name="fss-pipeline", log_prints=True)

@@ -14,6 +14,7 @@ from prefect import task
 from fss_core.config import PipelineConfig
 from fss_core.data.manifest import build_manifest, read_manifest, write_manifest
 from fss_core.data.synthetic import synthesize
+from storage_schemas import ManifestRow
 from tasks.tracking import stage_run
 from tasks.workspace import atomic_write_text, source_root, workspace_of
 
@@ -77,6 +78,18 @@ def run_ingest(cfg: PipelineConfig, parent_run_id: str | None = None) -> IngestR
     log.info("ingest: %d images (%d new, %d changed, %d skipped)", result.total, result.added,
              result.changed, result.skipped)
     return result
+
+
+def training_rows(cfg: PipelineConfig) -> list[ManifestRow]:
+    """Readable images of the training split (or of an unsplit folder), in manifest order."""
+    rows = read_manifest(workspace_of(cfg).manifest)
+    return [r for r in rows if r.status == "ok" and r.split in ("train", None)]
+
+
+def labelled_rows(cfg: PipelineConfig, split: str) -> list[ManifestRow]:
+    """Readable, labelled images of ``split``."""
+    rows = read_manifest(workspace_of(cfg).manifest)
+    return [r for r in rows if r.status == "ok" and r.split == split and r.label_path]
 
 
 @task(name="ingest", retries=1)

@@ -1,0 +1,393 @@
+"""Stage A: pixel embeddings of every image into ``embeddings.zarr`` (docs/method.md §1).
+
+Each image goes through the reference geometry (:func:`preprocess`): resized so its longer
+side is ``L``, both sides floored to a multiple of 8, pasted at the top-left of a black
+``L × L`` canvas and ImageNet-normalised. The backbone's ``embedding_layer`` map of the canvas,
+L2-normalised over channels, is stored as ``features[N, C, G, G]`` float16, with
+``valid_hw[N, 2]`` = the feature cells that overlap image content (the rest is padding and is
+never read downstream), ``image_hw[N, 2]`` = the original size and ``done[N]``.
+
+The unit of work is one block of rows aligned to the store's shard (:func:`shard_blocks`), so
+exactly one writer owns each shard file. Within a block, features are written first and
+``done`` last, so a killed run leaves no row marked done without its features; a rerun
+computes only the rows not yet done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from PIL import Image
+from tqdm import tqdm
+
+from fss_core.data.images import load_rgb
+from fss_core.embeddings.pca import Projection, load_projection
+from fss_core.geometry import PadGeometry, pad_geometry
+from fss_core.models.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone
+from storage_schemas import (
+    EMBEDDINGS,
+    EmbeddingsAttrs,
+    Normalisation,
+    StoreValidationError,
+    create_store,
+    open_store,
+    read_attrs,
+    write_attrs,
+    write_unit,
+)
+from storage_schemas.stores import IMAGES_PER_BLOCK
+
+log = logging.getLogger(__name__)
+
+SIZE_MULTIPLE = 8  # both resized sides are floored to a multiple of 8, as in the reference
+NORMALISATION = Normalisation(mean=tuple(255 * m for m in IMAGENET_MEAN), std=tuple(255 * s for s in IMAGENET_STD))
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+# --- one image, one batch ---------------------------------------------------------------------
+
+def preprocess(rgb: np.ndarray, long_side: int) -> tuple[torch.Tensor, PadGeometry]:
+    """RGB ``uint8 [H, W, 3]`` → (ImageNet-normalised canvas ``[3, L, L]`` float32, its geometry).
+
+    The image is resized (PIL bilinear) to ``(new_h, new_w)`` of :func:`pad_geometry` and
+    pasted at the top-left of an ``L × L`` canvas of zeros; the zeros are set before
+    normalisation, so the padding is black, as in the reference.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an RGB uint8 [H, W, 3] image, got {rgb.dtype} {rgb.shape}")
+    geometry = pad_geometry(rgb.shape[0], rgb.shape[1], long_side, SIZE_MULTIPLE)
+    resized = Image.fromarray(rgb).resize((geometry.new_w, geometry.new_h), Image.Resampling.BILINEAR)
+    canvas = torch.zeros(3, long_side, long_side)
+    canvas[:, : geometry.new_h, : geometry.new_w] = torch.from_numpy(np.array(resized)).permute(2, 0, 1) / 255.0
+    return (canvas - _MEAN) / _STD, geometry
+
+
+def embed_batch(backbone: Backbone, batch: torch.Tensor, device: str | torch.device = "cpu",
+                amp: bool = False) -> torch.Tensor:
+    """Canvases ``[B, 3, L, L]`` → embeddings ``[B, C, G, G]`` float32 on the CPU, unit L2 norm per cell.
+
+    ``backbone`` must already sit on ``device`` in eval mode. ``amp`` runs the backbone under
+    reduced-precision autocast where the hardware does it natively (:func:`autocast_dtype`);
+    the output is normalised in float32 either way. On CUDA the batch is fed channels-last.
+    """
+    device = torch.device(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    x = batch.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    dtype = autocast_dtype(device) if amp else None
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        features = backbone(x)[backbone.embedding_layer]
+    return F.normalize(features.float(), dim=1).cpu()
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``device``: bfloat16 (float16 on CUDA without bf16); None on a CPU
+    without native bf16 instructions, where emulated bf16 is slower than float32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    native = any(capabilities.get(flag) for flag in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
+    return torch.bfloat16 if native else None
+
+
+def _on_device(backbone: Backbone, device: str) -> Backbone:
+    """The backbone in eval mode on ``device`` (channels-last weights on CUDA, to match the input)."""
+    backbone = backbone.to(device).eval()
+    return backbone.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else backbone
+
+
+def feature_grid(backbone: Backbone, long_side: int) -> int:
+    """Side ``G`` of the embedding map of an ``L × L`` canvas (one forward pass of zeros)."""
+    device = next(backbone.parameters()).device
+    with torch.inference_mode():
+        out = backbone(torch.zeros(1, 3, long_side, long_side, device=device))[backbone.embedding_layer]
+    if out.shape[-2] != out.shape[-1]:
+        raise ValueError(f"backbone maps a square {long_side}x{long_side} canvas to a non-square "
+                         f"{out.shape[-2]}x{out.shape[-1]} grid")
+    return int(out.shape[-1])
+
+
+def valid_cells(geometry: PadGeometry, stride: int, grid: int) -> tuple[int, int]:
+    """Feature cells (rows, cols) that overlap image content, within the ``grid × grid`` map."""
+    rows, cols = geometry.valid_cells(stride)
+    return min(rows, grid), min(cols, grid)  # a backbone that floors (ViT patches) has fewer cells
+
+
+def sample_valid_vectors(image_paths: Sequence[str | os.PathLike], backbone: Backbone, long_side: int,
+                         batch_size: int, max_vectors: int, seed: int, device: str = "cpu",
+                         amp: bool = False) -> np.ndarray:
+    """Unprojected embeddings of the valid cells of ``image_paths``, as ``[n, C]`` float32.
+
+    Each image contributes at most ``ceil(max_vectors / len(image_paths))`` cells drawn with
+    ``seed``; padding cells are never included. This is the sample a PCA projection is fitted on.
+    """
+    if not image_paths:
+        raise ValueError("no images to sample embeddings from")
+    per_image = -(-max_vectors // len(image_paths))
+    rng = np.random.default_rng(seed)
+    backbone = _on_device(backbone, device)
+    stride = backbone.strides[backbone.embedding_layer]
+    parts = []
+    for start in range(0, len(image_paths), batch_size):
+        loaded = [preprocess(load_rgb(p), long_side) for p in image_paths[start : start + batch_size]]
+        features = embed_batch(backbone, torch.stack([t for t, _ in loaded]), device, amp).numpy()
+        for f, (_, geometry) in zip(features, loaded):
+            rows, cols = valid_cells(geometry, stride, f.shape[-1])
+            cells = f[:, :rows, :cols].reshape(f.shape[0], -1).T
+            take = rng.choice(len(cells), size=min(per_image, len(cells)), replace=False)
+            parts.append(cells[np.sort(take)])
+    return np.concatenate(parts)
+
+
+# --- the store --------------------------------------------------------------------------------
+
+def shard_blocks(n_rows: int, shard: int) -> list[range]:
+    """Row blocks ``[0, shard), [shard, 2·shard), …`` covering ``n_rows`` (the last may be shorter)."""
+    if shard < 1:
+        raise ValueError(f"shard must be >= 1, got {shard}")
+    return [range(start, min(start + shard, n_rows)) for start in range(0, n_rows, shard)]
+
+
+def create_embeddings_store(
+    path: str | os.PathLike,
+    image_ids: Sequence[str],
+    image_hw: np.ndarray,
+    channels: int,
+    grid: int,
+    *,
+    build_key: str,
+    extractor: str,
+    stride: int,
+    long_side: int,
+    checkpoint_sha256: str | None = None,
+    pca: int | None = None,
+    shard_size: int = IMAGES_PER_BLOCK,
+) -> zarr.Group:
+    """Open the embeddings store at ``path`` for extraction, creating it only when needed.
+
+    - A valid store with the same ``build_key`` and the same ``image_ids`` is reopened as is
+      (its ``done`` mask makes the rerun resume).
+    - Same key, and its ids are a prefix of ``image_ids`` (new images were ingested): the
+      store is extended with the new rows (:func:`extend_embeddings_store`).
+    - Otherwise (no store, another key, ids removed or reordered) it is created afresh.
+
+    ``image_hw [N, 2]`` is the original (H, W) of each image; ``valid_hw`` is derived from it.
+    ``channels`` is the stored width (the PCA dimension when ``pca`` is set). Returns the group
+    opened read-write.
+    """
+    image_ids = list(image_ids)
+    image_hw = _checked_hw(image_hw, len(image_ids), "image_hw")
+    existing = _same_key_store(path, build_key, channels, grid, shard_size)
+    if existing is not None:
+        old_ids = list(existing.attrs["image_ids"])
+        if old_ids == image_ids:
+            log.info("embeddings store %s reopened: %d of %d images done", path,
+                     int(existing["done"][:].sum()), len(image_ids))
+            return existing
+        if image_ids[: len(old_ids)] == old_ids:
+            return extend_embeddings_store(path, image_ids[len(old_ids) :], image_hw[len(old_ids) :])
+        log.warning("embeddings store %s lists other images than the manifest; rebuilding it", path)
+    attrs = EmbeddingsAttrs(build_key=build_key, extractor=extractor, checkpoint_sha256=checkpoint_sha256,
+                            input_long_side=long_side, stride=stride, normalisation=NORMALISATION,
+                            channels=channels, pca=pca, image_ids=image_ids)
+    sizes = {"image": len(image_ids), "channel": channels, "row": grid, "col": grid}
+    group = create_store(path, EMBEDDINGS, sizes, attrs, write_units={"image": shard_size})
+    _write_sizes(group, 0, image_hw, long_side, stride, grid)
+    log.info("embeddings store %s created: %d images, %d x %d x %d features, shards of %d images",
+             path, len(image_ids), channels, grid, grid, shard_size)
+    return group
+
+
+def extend_embeddings_store(path: str | os.PathLike, new_image_ids: Sequence[str],
+                            new_image_hw: np.ndarray) -> zarr.Group:
+    """Append rows for ``new_image_ids`` to the store at ``path``; old rows and their ``done`` stay.
+
+    Every array grows along the image axis (new rows start not done) and the ids are appended
+    to ``image_ids``. Arrays are resized before the attributes are rewritten: a run killed in
+    between leaves a store that :func:`open_store` rejects, which is then rebuilt.
+    """
+    group = open_store(path, EMBEDDINGS, mode="r+")
+    attrs = read_attrs(group, EMBEDDINGS)
+    new_image_ids = list(new_image_ids)
+    new_image_hw = _checked_hw(new_image_hw, len(new_image_ids), "new_image_hw")
+    clash = sorted(set(new_image_ids) & set(attrs.image_ids))
+    if clash or len(set(new_image_ids)) != len(new_image_ids):
+        raise ValueError(f"embeddings store {path}: new image ids repeat existing or each other, e.g. "
+                         f"{(clash or new_image_ids)[:3]}")
+    old_n = len(attrs.image_ids)
+    n = old_n + len(new_image_ids)
+    for name in ("features", "valid_hw", "image_hw", "done"):
+        array = group[name]
+        array.resize((n, *array.shape[1:]))
+    write_attrs(group, attrs.model_copy(update={"image_ids": attrs.image_ids + new_image_ids}))
+    _write_sizes(group, old_n, new_image_hw, attrs.input_long_side, attrs.stride, group["features"].shape[-1])
+    log.info("embeddings store %s extended from %d to %d images", path, old_n, n)
+    return group
+
+
+def _same_key_store(path: str | os.PathLike, build_key: str, channels: int, grid: int,
+                    shard_size: int) -> zarr.Group | None:
+    """The store at ``path`` opened read-write if it is valid, was built with ``build_key`` and has this layout."""
+    try:
+        group = open_store(path, EMBEDDINGS, mode="r+")
+    except StoreValidationError as exc:
+        log.info("no reusable embeddings store at %s: %s", path, exc)
+        return None
+    features = group["features"]
+    if group.attrs.get("build_key") != build_key:
+        return None
+    if features.shape[1:] != (channels, grid, grid) or write_unit(features)[0] != shard_size:
+        log.warning("embeddings store %s has the build key but another layout; rebuilding it", path)
+        return None
+    return group
+
+
+def _checked_hw(image_hw: np.ndarray, n: int, name: str) -> np.ndarray:
+    image_hw = np.asarray(image_hw, dtype=np.int64).reshape(-1, 2) if n else np.zeros((0, 2), np.int64)
+    if image_hw.shape != (n, 2):
+        raise ValueError(f"{name}: expected shape ({n}, 2), got {image_hw.shape}")
+    if (image_hw <= 0).any():
+        raise ValueError(f"{name}: image sizes must be positive")
+    return image_hw
+
+
+def _write_sizes(group: zarr.Group, start: int, image_hw: np.ndarray, long_side: int, stride: int,
+                 grid: int) -> None:
+    """``image_hw`` and the derived ``valid_hw`` of rows ``start … start + len(image_hw)``."""
+    if not len(image_hw):
+        return
+    valid = [valid_cells(pad_geometry(int(h), int(w), long_side, SIZE_MULTIPLE), stride, grid) for h, w in image_hw]
+    stop = start + len(image_hw)
+    group["image_hw"][start:stop] = image_hw.astype(np.int32)
+    group["valid_hw"][start:stop] = np.asarray(valid, dtype=np.int32)
+
+
+# --- the unit of work -------------------------------------------------------------------------
+
+def extract_rows(
+    store_path: str | os.PathLike,
+    rows: Sequence[int],
+    image_paths: Sequence[str | os.PathLike],
+    backbone: Backbone,
+    long_side: int,
+    batch_size: int,
+    device: str = "cpu",
+    amp: bool = True,
+    projection: Projection | None = None,
+    progress: bool = False,
+) -> int:
+    """Extract the embeddings of store rows ``rows`` (images ``image_paths``, same order); returns rows computed.
+
+    ``rows`` is a contiguous run starting on a shard boundary and ending on one (or at the
+    store's end), so no other writer touches its shards. Rows already ``done`` are skipped;
+    the others are computed shard by shard, writing ``features``, ``valid_hw`` and
+    ``image_hw`` first and ``done`` last. ``projection`` (None: the store's own, when it was
+    built with ``pca``) maps the embeddings to the stored width. ``amp``: reduced-precision
+    autocast where the hardware has it (see :func:`embed_batch`; the stored float16 loses more).
+    """
+    rows = list(rows)
+    if len(image_paths) != len(rows):
+        raise ValueError(f"{len(rows)} rows but {len(image_paths)} image paths")
+    group = open_store(store_path, EMBEDDINGS, mode="r+")
+    attrs = read_attrs(group, EMBEDDINGS)
+    projection = _checked_projection(group, attrs, projection, store_path)
+    stride = backbone.strides[backbone.embedding_layer]
+    if (attrs.input_long_side, attrs.stride) != (long_side, stride):
+        raise ValueError(f"embeddings store {store_path} was built for long side {attrs.input_long_side} and "
+                         f"stride {attrs.stride}; asked for {long_side} and stride {stride}")
+    features = group["features"]
+    n, channels, grid, _ = features.shape
+    unit = write_unit(features)[0]
+    _check_rows(rows, n, unit, store_path)
+    path_of = dict(zip(rows, image_paths))
+    done = np.asarray(group["done"][:])
+    todo = [r for r in rows if not done[r]]
+    if not todo:
+        return 0
+
+    backbone = _on_device(backbone, device)
+    start_time = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="extract", unit="img", disable=not progress)
+    for block in shard_blocks(n, unit):
+        block_todo = [r for r in todo if r in block]
+        if not block_todo:
+            continue
+        out = np.empty((len(block_todo), channels, grid, grid), dtype=np.float16)
+        sizes = np.empty((len(block_todo), 2, 2), dtype=np.int32)  # (image_hw, valid_hw) per row
+        for start in range(0, len(block_todo), batch_size):
+            batch_rows = block_todo[start : start + batch_size]
+            canvases, geometries = [], []
+            for r in batch_rows:
+                canvas, geometry = preprocess(load_rgb(path_of[r]), long_side)
+                canvases.append(canvas)
+                geometries.append(geometry)
+            embedded = embed_batch(backbone, torch.stack(canvases), device, amp)
+            if projection is not None:
+                embedded = projection.apply(embedded)
+            if embedded.shape[1:] != (channels, grid, grid):
+                raise ValueError(f"embeddings store {store_path} holds [{channels}, {grid}, {grid}] features; "
+                                 f"the backbone gives {list(embedded.shape[1:])}")
+            out[start : start + len(batch_rows)] = embedded.numpy()
+            for i, geometry in enumerate(geometries, start):
+                sizes[i] = (geometry.orig_h, geometry.orig_w), valid_cells(geometry, stride, grid)
+            bar.update(len(batch_rows))
+        for lo, hi in _runs(block_todo):
+            offset = block_todo.index(lo)
+            features[lo:hi] = out[offset : offset + hi - lo]
+            group["image_hw"][lo:hi] = sizes[offset : offset + hi - lo, 0]
+            group["valid_hw"][lo:hi] = sizes[offset : offset + hi - lo, 1]
+        for lo, hi in _runs(block_todo):  # done last: a row is never marked done before its features exist
+            group["done"][lo:hi] = True
+    bar.close()
+    elapsed = time.perf_counter() - start_time
+    log.info("extracted %d images of rows %d-%d in %.1f s (%.1f img/s)", len(todo), rows[0], rows[-1],
+             elapsed, len(todo) / max(elapsed, 1e-9))
+    return len(todo)
+
+
+def _check_rows(rows: list[int], n: int, unit: int, where: str | os.PathLike) -> None:
+    """``rows`` must be a contiguous run from a shard boundary to a shard boundary (or the end)."""
+    if not rows:
+        raise ValueError("rows is empty")
+    start, stop = rows[0], rows[-1] + 1
+    if rows != list(range(start, stop)) or start < 0 or stop > n:
+        raise ValueError(f"rows must be a contiguous run inside 0..{n - 1}, got {rows[0]}..{rows[-1]} "
+                         f"({len(rows)} rows)")
+    if start % unit or (stop % unit and stop != n):
+        raise ValueError(f"rows {start}..{stop - 1} do not cover whole shards of {unit} images of the "
+                         f"embeddings store {where}; another writer could share a shard")
+
+
+def _runs(sorted_rows: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs ``[lo, hi)`` of consecutive values in an increasing list."""
+    runs = []
+    for r in sorted_rows:
+        if runs and runs[-1][1] == r:
+            runs[-1][1] = r + 1
+        else:
+            runs.append([r, r + 1])
+    return [(lo, hi) for lo, hi in runs]
+
+
+def _checked_projection(group: zarr.Group, attrs: EmbeddingsAttrs, projection: Projection | None,
+                        where: str | os.PathLike) -> Projection | None:
+    """The projection to apply: the given one or the store's, consistent with ``attrs.pca``."""
+    if attrs.pca is None:
+        if projection is not None:
+            raise ValueError(f"embeddings store {where} was built without PCA but a projection was given")
+        return None
+    projection = projection if projection is not None else load_projection(group)
+    if projection is None:
+        raise StoreValidationError(f"embeddings store {where}: built with pca={attrs.pca} but holds no "
+                                   f"projection (arrays 'pca_mean', 'pca_components')")
+    if projection.dim != attrs.pca:
+        raise ValueError(f"embeddings store {where}: pca={attrs.pca}, projection has dim {projection.dim}")
+    return projection

@@ -1,0 +1,223 @@
+"""Stage A extraction: reference geometry, unit-norm embeddings, exact resume, store extension, PCA."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch import nn
+
+from fss_core.data.images import load_rgb, save_rgb
+from fss_core.embeddings.extract import (
+    create_embeddings_store,
+    embed_batch,
+    extract_rows,
+    feature_grid,
+    preprocess,
+    sample_valid_vectors,
+    shard_blocks,
+)
+from fss_core.embeddings.pca import fit_projection, load_projection, save_projection
+from fss_core.models.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, build_backbone
+from storage_schemas import EMBEDDINGS, open_store
+
+LONG_SIDE = 64
+KEY = "0123456789abcdef"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny inputs run faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class CountingBackbone(Backbone):
+    """A fixed random stride-8 patch embedding that counts the images it sees."""
+
+    embedding_layer = "layer4"
+
+    def __init__(self, channels: int = 6, fail_on_call: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, channels, 8, stride=8)
+        self.channels = dict.fromkeys(("layer2", "layer3", "layer4"), channels)
+        self.strides = dict.fromkeys(("layer2", "layer3", "layer4"), 8)
+        self.images_seen = 0
+        self.calls = 0
+        self.fail_on_call = fail_on_call
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise RuntimeError("worker killed")
+        self.images_seen += x.shape[0]
+        y = self.conv(x)
+        return {"layer2": y, "layer3": y, "layer4": y}
+
+
+def _images(tmp_path, sizes: list[tuple[int, int]]) -> list:
+    rng = np.random.default_rng(1)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        path = tmp_path / "img" / f"im{i}.png"
+        save_rgb(path, rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+        paths.append(path)
+    return paths
+
+
+SIZES = [(40, 100), (100, 40), (64, 64), (30, 50), (77, 23), (50, 50), (90, 60), (20, 20)]
+
+
+def _store(path, sizes, shard=4, key=KEY, channels=6, grid=8):
+    return create_embeddings_store(path, [f"im{i}" for i in range(len(sizes))], np.array(sizes), channels, grid,
+                                   build_key=key, extractor="counting", stride=8, long_side=LONG_SIDE,
+                                   shard_size=shard)
+
+
+def _extract_all(path, paths, backbone, **kw) -> int:
+    n = open_store(path, EMBEDDINGS)["done"].shape[0]
+    return sum(extract_rows(path, list(b), [paths[r] for r in b], backbone, LONG_SIDE, batch_size=3, amp=False, **kw)
+               for b in shard_blocks(n, 4))
+
+
+@pytest.mark.parametrize("h, w", [(30, 100), (100, 30), (64, 64)])
+def test_preprocess_pastes_resized_image_top_left_on_black_canvas(h, w):
+    colour = np.array([200, 100, 50], dtype=np.uint8)
+    canvas, geometry = preprocess(np.broadcast_to(colour, (h, w, 3)).copy(), LONG_SIDE)
+    assert canvas.shape == (3, LONG_SIDE, LONG_SIDE) and canvas.dtype == torch.float32
+    assert max(geometry.new_h, geometry.new_w) == LONG_SIDE
+    assert geometry.new_h % 8 == 0 and geometry.new_w % 8 == 0
+    scale = LONG_SIDE / max(h, w)
+    assert h * scale - 8 < geometry.new_h <= h * scale + 0.5 and w * scale - 8 < geometry.new_w <= w * scale + 0.5
+    rgb = canvas * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    inside = torch.zeros(LONG_SIDE, LONG_SIDE, dtype=torch.bool)
+    inside[: geometry.new_h, : geometry.new_w] = True
+    assert torch.allclose(rgb[:, inside] * 255, torch.tensor(colour, dtype=torch.float32)[:, None], atol=1e-3)
+    assert torch.allclose(rgb[:, ~inside], torch.zeros(1), atol=1e-6)  # black padding, as the reference
+
+
+def test_embeddings_have_unit_norm_and_amp_stays_close():
+    backbone = build_backbone("small_cnn").eval()
+    batch = torch.stack([preprocess(np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8),
+                                    LONG_SIDE)[0] for i in range(2)])
+    exact = embed_batch(backbone, batch, amp=False)
+    grid = feature_grid(backbone, LONG_SIDE)
+    assert exact.shape == (2, 256, grid, grid) and exact.dtype == torch.float32
+    assert torch.allclose(exact.norm(dim=1), torch.ones(1), atol=1e-5)
+    fast = embed_batch(backbone, batch, amp=True)
+    assert (fast * exact).sum(dim=1).min() > 0.99  # cosine to the float32 embedding
+
+
+def test_resume_computes_only_missing_rows_and_matches_one_shot(tmp_path):
+    paths = _images(tmp_path, SIZES)
+    once = CountingBackbone()
+    _store(tmp_path / "once.zarr", SIZES)
+    assert _extract_all(tmp_path / "once.zarr", paths, once) == len(SIZES)
+
+    resumed = CountingBackbone()
+    _store(tmp_path / "resumed.zarr", SIZES)
+    assert extract_rows(tmp_path / "resumed.zarr", [0, 1, 2, 3], paths[:4], resumed, LONG_SIDE, 3, amp=False) == 4
+    group = _store(tmp_path / "resumed.zarr", SIZES)  # same key: reopened, the first half stays done
+    assert group["done"][:].tolist() == [True] * 4 + [False] * 4
+    assert _extract_all(tmp_path / "resumed.zarr", paths, resumed) == 4
+    assert resumed.images_seen == len(SIZES)
+
+    a, b = open_store(tmp_path / "once.zarr", EMBEDDINGS), open_store(tmp_path / "resumed.zarr", EMBEDDINGS)
+    for name in ("features", "valid_hw", "image_hw", "done"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+    assert b["done"][:].all()
+    assert b["image_hw"][:].tolist() == [list(s) for s in SIZES]
+    for (h, w), (r, c) in zip(SIZES, b["valid_hw"][:]):
+        resized = [int(side * LONG_SIDE / max(h, w) + 0.5) // 8 * 8 for side in (h, w)]  # floored to x8
+        assert (r, c) == tuple(math.ceil(side / 8) for side in resized)  # cells of stride 8 touching the image
+    features = b["features"][:].astype(np.float32)
+    assert np.allclose(np.linalg.norm(features, axis=1), 1, atol=2e-3)
+
+
+def test_killed_block_marks_no_row_done(tmp_path, monkeypatch):
+    paths = _images(tmp_path, SIZES[:4])
+    _store(tmp_path / "e.zarr", SIZES[:4])
+    with pytest.raises(RuntimeError, match="killed"):  # the second batch of the block fails
+        extract_rows(tmp_path / "e.zarr", [0, 1, 2, 3], paths, CountingBackbone(fail_on_call=2), LONG_SIDE, 2,
+                     amp=False)
+    assert not open_store(tmp_path / "e.zarr", EMBEDDINGS)["done"][:].any()
+
+    real_setitem = zarr.Array.__setitem__
+
+    def failing_feature_write(self, key, value):
+        if self.basename == "features":
+            raise OSError("disk full")
+        real_setitem(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", failing_feature_write)
+    with pytest.raises(OSError, match="disk full"):  # computed, but the features never reached the store
+        extract_rows(tmp_path / "e.zarr", [0, 1, 2, 3], paths, CountingBackbone(), LONG_SIDE, 2, amp=False)
+    assert not open_store(tmp_path / "e.zarr", EMBEDDINGS)["done"][:].any()
+
+
+def test_extending_the_store_keeps_old_rows(tmp_path):
+    paths = _images(tmp_path, SIZES)
+    first = 6  # the second shard is half full before the manifest grows
+    _store(tmp_path / "e.zarr", SIZES[:first])
+    backbone = CountingBackbone()
+    _extract_all(tmp_path / "e.zarr", paths, backbone)
+    before = open_store(tmp_path / "e.zarr", EMBEDDINGS)["features"][:]
+
+    group = _store(tmp_path / "e.zarr", SIZES)  # same key, two more images
+    assert group.attrs["image_ids"] == [f"im{i}" for i in range(len(SIZES))]
+    assert group["done"][:].tolist() == [True] * first + [False] * (len(SIZES) - first)
+    np.testing.assert_array_equal(group["features"][:first], before)
+    assert _extract_all(tmp_path / "e.zarr", paths, backbone) == len(SIZES) - first
+    assert backbone.images_seen == len(SIZES)
+
+    _store(tmp_path / "once.zarr", SIZES)
+    _extract_all(tmp_path / "once.zarr", paths, CountingBackbone())
+    np.testing.assert_array_equal(open_store(tmp_path / "once.zarr", EMBEDDINGS)["features"][:],
+                                  open_store(tmp_path / "e.zarr", EMBEDDINGS)["features"][:])
+
+
+def test_other_build_key_rebuilds_the_store(tmp_path):
+    paths = _images(tmp_path, SIZES[:4])
+    _store(tmp_path / "e.zarr", SIZES[:4])
+    _extract_all(tmp_path / "e.zarr", paths, CountingBackbone())
+    group = _store(tmp_path / "e.zarr", SIZES[:4], key="fedcba9876543210")
+    assert not group["done"][:].any()
+
+
+def test_rows_must_cover_whole_shards(tmp_path):
+    paths = _images(tmp_path, SIZES)
+    _store(tmp_path / "e.zarr", SIZES)
+    with pytest.raises(ValueError, match="whole shards"):
+        extract_rows(tmp_path / "e.zarr", [2, 3, 4, 5], paths[2:6], CountingBackbone(), LONG_SIDE, 2)
+    assert shard_blocks(10, 4) == [range(0, 4), range(4, 8), range(8, 10)]
+
+
+def test_pca_projection_is_stored_and_applied(tmp_path):
+    paths = _images(tmp_path, SIZES[:4])
+    backbone = CountingBackbone(channels=6)
+    vectors = sample_valid_vectors(paths, backbone, LONG_SIDE, batch_size=2, max_vectors=100, seed=0)
+    assert vectors.shape[1] == 6 and len(vectors) <= 100
+    projection = fit_projection(vectors, dim=3, seed=0)
+    np.testing.assert_allclose(projection.components @ projection.components.T, np.eye(3), atol=1e-5)
+
+    group = create_embeddings_store(tmp_path / "e.zarr", [f"im{i}" for i in range(4)], np.array(SIZES[:4]), 3, 8,
+                                    build_key=KEY, extractor="counting", stride=8, long_side=LONG_SIDE, pca=3,
+                                    shard_size=4)
+    save_projection(group, projection)
+    extract_rows(tmp_path / "e.zarr", [0, 1, 2, 3], paths, backbone, LONG_SIDE, 2, amp=False)  # store's own projection
+    stored = open_store(tmp_path / "e.zarr", EMBEDDINGS)
+    loaded = load_projection(stored)
+    np.testing.assert_array_equal(loaded.components, projection.components)
+
+    raw = embed_batch(backbone, preprocess(load_rgb(paths[0]), LONG_SIDE)[0][None])
+    centred = raw[0].numpy().reshape(6, -1).T - projection.mean
+    expected = centred @ projection.components.T
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    got = stored["features"][0].astype(np.float32).reshape(3, -1).T
+    np.testing.assert_allclose(got, expected, atol=2e-3)

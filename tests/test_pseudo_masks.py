@@ -1,0 +1,147 @@
+"""Pseudo masks: original size, no padding artefacts on non-square images, full superpixel vote, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.segmentation import felzenszwalb
+
+from fss_core.data.images import load_label, save_rgb
+from fss_core.embeddings.extract import create_embeddings_store
+from fss_core.pseudo.masks import (
+    REFERENCE_FELZENSZWALB,
+    cluster_map,
+    finish_pseudo_masks,
+    min_size_for,
+    pseudo_mask,
+    start_pseudo_masks,
+    superpixel_vote,
+    write_pseudo_masks,
+)
+from storage_schemas import FelzenszwalbParams, PseudoMasksMeta
+
+LONG_SIDE, STRIDE, GRID = 64, 8, 8
+A, B, PAD = 0, 1, 2
+CENTROIDS = np.eye(3, dtype=np.float32)  # cluster k's feature is the unit vector e_k
+KEY = "00112233aabbccdd"
+
+
+def _features(valid_hw: tuple[int, int], split: int, axis: int) -> np.ndarray:
+    """[3, G, G]: valid cells before ``split`` along ``axis`` are A, the other valid cells B, padding PAD."""
+    r, c = valid_hw
+    labels = np.full((GRID, GRID), PAD)
+    rows, cols = np.mgrid[:r, :c]
+    labels[:r, :c] = np.where((rows, cols)[axis] < split, A, B)
+    return np.moveaxis(CENTROIDS[labels], -1, 0).astype(np.float16)
+
+
+def _two_colour_image(h: int, w: int, boundary: int, axis: int) -> np.ndarray:
+    rgb = np.empty((h, w, 3), dtype=np.uint8)
+    before = (np.arange(h)[:, None] if axis == 0 else np.arange(w)[None, :]) < boundary
+    rgb[:] = np.where(before[..., None], [200, 40, 40], [40, 40, 200])
+    return rgb
+
+
+# (H, W), valid cells (r, c) of the 64-px canvas at stride 8, the A/B split (cells) and its axis
+CASES = [((40, 100), (3, 8), 4, 1), ((40, 100), (3, 8), 3, 1), ((100, 40), (8, 3), 4, 0), ((100, 40), (8, 3), 5, 0)]
+
+
+@pytest.mark.parametrize("image_hw, valid_hw, split, axis", CASES)
+def test_non_square_masks_have_original_size_and_no_padding(tmp_path, image_hw, valid_hw, split, axis):
+    h, w = image_hw
+    new_side = valid_hw[axis] * STRIDE  # the long side is 64 = 8 cells: the split is at split*8 canvas px
+    expected = split * STRIDE * image_hw[axis] / new_side  # the A/B boundary in original pixels
+    cell = STRIDE * image_hw[axis] / new_side  # one feature cell in original pixels
+    features = _features(valid_hw, split, axis)
+    coords = np.arange(image_hw[axis])
+
+    raw = cluster_map(features, valid_hw, image_hw, STRIDE, LONG_SIDE, CENTROIDS)
+    assert raw.shape == image_hw and PAD not in raw
+    line = raw[:, 0] if axis == 0 else raw[0]
+    assert set(np.unique(raw)) == {A, B} and (raw == (line[:, None] if axis == 0 else line[None])).all()
+    assert (line[coords < expected - 1] == A).all() and (line[coords > expected + 1] == B).all()
+
+    rgb = _two_colour_image(h, w, round(expected), axis)
+    store = tmp_path / "e.zarr"
+    group = create_embeddings_store(store, ["wide/one"], np.array([image_hw]), 3, GRID, build_key=KEY,
+                                    extractor="hand", stride=STRIDE, long_side=LONG_SIDE, shard_size=1)
+    assert tuple(group["valid_hw"][0]) == valid_hw
+    group["features"][0] = features
+    group["done"][0] = True
+    save_rgb(tmp_path / "one.png", rgb)
+    start_pseudo_masks(tmp_path / "masks", KEY)
+    assert write_pseudo_masks([0], store, CENTROIDS, [tmp_path / "one.png"], tmp_path / "masks",
+                              REFERENCE_FELZENSZWALB, KEY) == 1
+    mask = load_label(tmp_path / "masks" / "wide" / "one.png")
+    assert mask.shape == image_hw and PAD not in mask
+    line = mask[:, w // 2] if axis == 0 else mask[h // 2]
+    assert (line[coords < expected - cell] == A).all() and (line[coords >= expected + cell] == B).all()
+
+
+def test_vote_covers_every_segment_including_the_last():
+    segments = np.array([[0, 0, 1, 1],
+                         [0, 0, 1, 2],
+                         [3, 3, 2, 2]])
+    labels = np.array([[1, 1, 0, 0],
+                       [1, 2, 0, 3],
+                       [2, 2, 3, 1]])
+    voted = superpixel_vote(labels, segments, num_clusters=4)
+    assert voted.tolist() == [[1, 1, 0, 0],
+                              [1, 1, 0, 3],
+                              [2, 2, 3, 3]]  # segment 3, the last id, takes its own majority (2), not 0
+
+
+def test_last_felzenszwalb_segment_is_voted_in_a_full_mask():
+    rgb = _two_colour_image(60, 80, 40, axis=1)
+    segments = felzenszwalb(rgb, **REFERENCE_FELZENSZWALB.model_dump())
+    assert segments.max() >= 1  # several superpixels, so a skipped last one would show
+    features = np.zeros((2, GRID, GRID), dtype=np.float32)
+    features[1] = 1.0  # every cell is cluster 1
+    mask = pseudo_mask(features, (6, 8), (60, 80), STRIDE, LONG_SIDE, np.eye(2, dtype=np.float32), rgb)
+    assert mask.dtype == np.uint8 and mask.shape == (60, 80)
+    assert (mask == 1).all()
+
+
+def test_min_size_scales_with_image_area_only_when_asked():
+    params = FelzenszwalbParams(scale=100, sigma=0.8, min_size=200)
+    assert min_size_for(params, None, 128, 128) == 200
+    assert min_size_for(params, 473, 473, 473) == 200
+    assert min_size_for(params, 473, 128, 128) == round(200 * 128 * 128 / 473**2)
+
+
+def test_masks_resume_only_within_the_same_build(tmp_path):
+    rng = np.random.default_rng(0)
+    store = tmp_path / "e.zarr"
+    group = create_embeddings_store(store, ["a", "b"], np.array([[30, 40], [40, 30]]), 3, GRID, build_key=KEY,
+                                    extractor="hand", stride=STRIDE, long_side=LONG_SIDE, shard_size=2)
+    features = rng.normal(size=(2, 3, GRID, GRID))
+    group["features"][:] = features / np.linalg.norm(features, axis=1, keepdims=True)
+    group["done"][:] = True
+    paths = []
+    for name, hw in (("a", (30, 40)), ("b", (40, 30))):
+        save_rgb(tmp_path / f"{name}.png", rng.integers(0, 256, (*hw, 3), dtype=np.uint8))
+        paths.append(tmp_path / f"{name}.png")
+    out = tmp_path / "masks"
+    params = REFERENCE_FELZENSZWALB
+
+    assert start_pseudo_masks(out, KEY) is False
+    assert write_pseudo_masks([0], store, CENTROIDS, paths[:1], out, params, KEY) == 1  # then killed
+    assert not (out / "meta.json").exists()
+    assert write_pseudo_masks([0, 1], store, CENTROIDS, paths, out, params, KEY) == 1  # resumed: "a" kept
+    finish_pseudo_masks(out, PseudoMasksMeta(build_key=KEY, num_clusters=3, felzenszwalb=params, image_count=2))
+    assert start_pseudo_masks(out, KEY) is True
+    assert write_pseudo_masks([0, 1], store, CENTROIDS, paths, out, params, KEY) == 0
+
+    other = "ffeeddccbbaa9988"
+    assert start_pseudo_masks(out, other) is False
+    assert not (out / "meta.json").exists()  # never looks complete while being rewritten
+    assert write_pseudo_masks([0, 1], store, CENTROIDS, paths, out, params, other) == 2
+
+
+def test_unextracted_row_is_refused(tmp_path):
+    store = tmp_path / "e.zarr"
+    create_embeddings_store(store, ["a"], np.array([[30, 40]]), 3, GRID, build_key=KEY, extractor="hand",
+                            stride=STRIDE, long_side=LONG_SIDE, shard_size=1)
+    save_rgb(tmp_path / "a.png", np.zeros((30, 40, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="not extracted"):
+        write_pseudo_masks([0], store, CENTROIDS, [tmp_path / "a.png"], tmp_path / "m", REFERENCE_FELZENSZWALB, KEY)
