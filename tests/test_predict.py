@@ -1,0 +1,169 @@
+"""Inference on custom images: input checks, output sizes, batching, saving, the FSS model adapter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from fss_core.data.images import load_label, save_rgb
+from fss_core.evaluation.protocol import EpisodeInput
+from fss_core.inference.predict import PredictInputError, predict, save_masks
+from fss_core.models.fss import FSSModelConfig, FSSNetwork
+
+RED = (220, 40, 40)
+IMAGE_SIZE = 48
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tensors here are tiny: intra-op threads only add overhead on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def scene(h: int, w: int, box: tuple[int, int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A grey noisy image with a red box (top, left, height, width), and the box's 0/1 mask."""
+    rgb = np.random.default_rng(seed).integers(100, 150, size=(h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), dtype=np.uint8)
+    top, left, bh, bw = box
+    rgb[top:top + bh, left:left + bw] = RED
+    mask[top:top + bh, left:left + bw] = 1
+    return rgb, mask
+
+
+class ColourPredictor:
+    """Foreground where a query pixel is nearer the supports' mean foreground colour than their
+    mean background colour; records the input shapes it was called with."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, ...]] = []
+
+    def __call__(self, episode: EpisodeInput) -> torch.Tensor:
+        self.calls.append(tuple(episode.support_imgs.shape))
+        images = episode.support_imgs.flatten(0, 1).permute(0, 2, 3, 1)
+        masks = episode.support_masks.flatten(0, 1)
+        fg, bg = images[masks == 1].mean(0), images[masks == 0].mean(0)
+        query = episode.query_img.permute(0, 2, 3, 1)
+        return torch.stack([-(query - bg).norm(dim=-1), -(query - fg).norm(dim=-1)], dim=1)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def test_masks_have_each_querys_size_and_find_the_object():
+    supports = [scene(30, 40, (5, 5, 12, 20)), scene(36, 24, (10, 4, 15, 15), seed=1)]
+    queries = [scene(20, 50, (4, 30, 10, 12), seed=2), scene(64, 32, (30, 2, 20, 20), seed=3),
+               scene(25, 25, (0, 0, 12, 12), seed=4)]
+    masks = predict(ColourPredictor(), supports, [rgb for rgb, _ in queries], image_size=IMAGE_SIZE)
+    assert len(masks) == 3
+    for mask, (rgb, truth) in zip(masks, queries):
+        assert mask.shape == rgb.shape[:2] and mask.dtype == np.uint8
+        assert set(np.unique(mask)) <= {0, 1}
+        assert iou(mask == 1, truth == 1) > 0.8
+
+
+def test_all_shots_in_one_pass_and_queries_batched():
+    supports = [scene(30, 40, (5, 5, 12, 20), seed=s) for s in range(3)]
+    queries = [scene(30, 30, (3, 3, 10, 10), seed=10 + i)[0] for i in range(5)]
+    predictor = ColourPredictor()
+    batched = predict(predictor, supports, queries, image_size=IMAGE_SIZE, batch_size=2)
+    assert predictor.calls == [(2, 3, 3, IMAGE_SIZE, IMAGE_SIZE)] * 2 + [(1, 3, 3, IMAGE_SIZE, IMAGE_SIZE)]
+    one_by_one = predict(ColourPredictor(), supports, queries, image_size=IMAGE_SIZE, batch_size=1)
+    assert all((a == b).all() for a, b in zip(batched, one_by_one))
+
+
+def test_mask_encodings_and_files_are_equivalent(tmp_path):
+    rgb, mask = scene(30, 40, (5, 5, 12, 20))
+    query = scene(30, 30, (3, 3, 10, 10), seed=5)[0]
+    save_rgb(tmp_path / "support.png", rgb)
+    Image.fromarray(mask * 255).save(tmp_path / "mask255.png")
+    expected = predict(ColourPredictor(), [(rgb, mask)], [query], image_size=IMAGE_SIZE)[0]
+    for support in [(rgb, mask * 255), (rgb, mask.astype(bool)), (tmp_path / "support.png", tmp_path / "mask255.png")]:
+        assert (predict(ColourPredictor(), [support], [query], image_size=IMAGE_SIZE)[0] == expected).all()
+
+
+def test_missing_mask_file_is_named(tmp_path):
+    rgb, _ = scene(30, 40, (5, 5, 12, 20))
+    with pytest.raises(PredictInputError, match="support 1 mask: mask file not found: .*nope.png"):
+        predict(ColourPredictor(), [(rgb, tmp_path / "nope.png")], [rgb])
+
+
+def test_mask_of_the_wrong_size_reports_both_sizes_and_the_file(tmp_path):
+    rgb, _ = scene(30, 40, (5, 5, 12, 20))
+    good = scene(30, 40, (5, 5, 12, 20))
+    Image.fromarray(np.full((20, 40), 255, dtype=np.uint8)).save(tmp_path / "small.png")
+    with pytest.raises(PredictInputError) as err:
+        predict(ColourPredictor(), [good, (rgb, tmp_path / "small.png")], [rgb])
+    message = str(err.value)
+    assert "support 2" in message and "small.png" in message
+    assert "40x20" in message and "40x30" in message
+
+
+def test_empty_mask_is_refused():
+    rgb, _ = scene(30, 40, (5, 5, 12, 20))
+    with pytest.raises(PredictInputError, match="no foreground pixel"):
+        predict(ColourPredictor(), [(rgb, np.zeros((30, 40), dtype=np.uint8))], [rgb])
+
+
+def test_no_support_and_unreadable_images_are_refused(tmp_path):
+    rgb, mask = scene(30, 40, (5, 5, 12, 20))
+    with pytest.raises(PredictInputError, match="no support"):
+        predict(ColourPredictor(), [], [rgb])
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(PredictInputError, match="query 2: .*broken.jpg"):
+        predict(ColourPredictor(), [(rgb, mask)], [rgb, tmp_path / "broken.jpg"])
+    with pytest.raises(PredictInputError, match="support 1 image: file not found"):
+        predict(ColourPredictor(), [(tmp_path / "absent.jpg", mask)], [rgb])
+
+
+def test_save_masks_round_trip(tmp_path):
+    masks = [scene(20, 30, (2, 2, 5, 5))[1], scene(16, 16, (0, 0, 8, 8))[1]]
+    paths = save_masks(masks, ["a", "b"], tmp_path / "out")
+    assert [p.name for p in paths] == ["a.png", "b.png"]
+    for path, mask in zip(paths, masks):
+        assert (load_label(path) == mask).all()
+    with pytest.raises(PredictInputError, match="plain"):
+        save_masks(masks[:1], ["../escape"], tmp_path)
+    with pytest.raises(PredictInputError, match="2 masks but 1 names"):
+        save_masks(masks, ["a"], tmp_path)
+
+
+class TinyBackbone(nn.Module):
+    """A random stride-8 backbone with the interface the FSS network expects."""
+
+    channels = {"layer2": 8, "layer3": 8, "layer4": 8}
+    strides = {"layer2": 8, "layer3": 8, "layer4": 8}
+
+    def __init__(self):
+        super().__init__()
+        self.layer2 = nn.Sequential(nn.Conv2d(3, 8, 3, stride=8, padding=1), nn.ReLU())
+        self.layer3 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.layer4 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+
+    def freeze(self):
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        return self
+
+    def forward(self, x):
+        layer2 = self.layer2(x)
+        layer3 = self.layer3(layer2)
+        return {"layer2": layer2, "layer3": layer3, "layer4": self.layer4(layer3)}
+
+
+def test_fss_network_runs_through_predict_deterministically():
+    torch.manual_seed(0)
+    config = FSSModelConfig(hidden=16, heads=2, layers=1, ffn=32, points=2, fg_prototypes=2, bg_prototypes=3)
+    model = FSSNetwork(TinyBackbone(), config)
+    supports = [scene(30, 40, (5, 5, 12, 20), seed=s) for s in range(2)]
+    queries = [scene(20, 50, (4, 30, 10, 12), seed=2)[0], scene(40, 24, (3, 3, 10, 10), seed=3)[0]]
+    first = predict(model, supports, queries, image_size=IMAGE_SIZE, seed=7)
+    again = predict(model, supports, queries, image_size=IMAGE_SIZE, seed=7)
+    assert [m.shape for m in first] == [q.shape[:2] for q in queries]
+    assert all((a == b).all() for a, b in zip(first, again))
