@@ -119,11 +119,14 @@ class TrainConfig(_Section):
     fg_prototypes: int = 20
     bg_prototypes: int = 50
     support_self_attention: bool = False
+    backbone: Literal["small_cnn", "resnet50", "moco_v2", "resnet50_v2", "dino_vits16", "dino_vitb8"] | None = Field(
+        None, description="frozen FSS backbone; None = the extraction backbone (and its weights)")
+    backbone_checkpoint: Path | None = None
     seed: int = 123
-    init_checkpoint: Path | None = None
+    init_checkpoint: Path | None = Field(None, description="model bundle to start from (finetune mode)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
-    val_episodes: int = Field(200, ge=1, description="held-out episodes for model selection")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="images held out for model selection")
     num_workers: int = Field(0, ge=0)
 
 
@@ -134,7 +137,7 @@ class EvaluateConfig(_Section):
     shots: list[int] = [1, 5]
     episodes: int | None = Field(None, ge=1, description="None = 1000 (PASCAL-like) or 5000 (COCO)")
     seeds: list[int] = [0, 1, 2, 3, 4]
-    baseline_threshold: float = 0.5
+    baseline_threshold: float = Field(0.6, gt=0, lt=1, description="min-max normalised similarity threshold")
     overlays: int = Field(8, ge=0)
 
 

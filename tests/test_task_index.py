@@ -201,3 +201,30 @@ def test_bad_masks_fail_with_the_file_named(tmp_path):
         build_task_index(mask_dir, group, ["x"], num_clusters=8, min_area=20)
     with pytest.raises(ValueError, match="not in the store"):
         build_task_index(mask_dir, group, ["nope"], num_clusters=8, min_area=20)
+
+
+def test_holdout_split_keeps_images_disjoint_and_priors_inside_each_part():
+    import numpy as np
+
+    from fss_core.pseudo.task_index import PseudoTaskIndex
+
+    rng = np.random.default_rng(0)
+    m = 40
+    occ_image = np.repeat(np.arange(20), 2).astype(np.int32)
+    occ_cluster = np.tile([0, 1], 20).astype(np.int16)
+    rows, offsets = [], [0]
+    for r in range(m):  # each occurrence's prior: every other occurrence of its cluster, shuffled
+        same = [x for x in np.flatnonzero(occ_cluster == occ_cluster[r]) if x != r]
+        rows.extend(rng.permutation(same))
+        offsets.append(len(rows))
+    index = PseudoTaskIndex([f"im{i}" for i in range(20)], 2, 1, 0.99, 10, 100, occ_image, occ_cluster,
+                            np.ones(m, np.int64), rng.normal(size=(m, 4)).astype(np.float32),
+                            np.array(offsets, np.int64), np.array(rows, np.int32))
+    train, held = index.split_holdout(0.2, seed=1)
+    assert set(train.occ_image) & set(held.occ_image) == set()
+    assert len(set(held.occ_image)) == 4 and train.num_occurrences + held.num_occurrences == m
+    for part in (train, held):
+        for r in range(part.num_occurrences):
+            prior = part.prior_rows[part.prior_offsets[r]:part.prior_offsets[r + 1]]
+            assert all(part.occ_cluster[p] == part.occ_cluster[r] and p != r for p in prior)
+            assert len(prior) == int((part.occ_cluster == part.occ_cluster[r]).sum()) - 1  # nothing lost

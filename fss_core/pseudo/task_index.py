@@ -25,6 +25,8 @@ that many members. The lists are stored as CSR (``prior_offsets``, ``prior_rows`
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import math
 import os
@@ -93,6 +95,34 @@ class PseudoTaskIndex:
             raise ValueError(f"PseudoTaskIndex.occ_cluster: values outside 0..{self.num_clusters - 1}")
         if len(self.prior_rows) and (self.prior_rows.min() < 0 or self.prior_rows.max() >= m):
             raise ValueError(f"PseudoTaskIndex.prior_rows: values outside 0..{m - 1}")
+
+    def select(self, keep: np.ndarray) -> PseudoTaskIndex:
+        """The index restricted to occurrences ``keep`` [M] bool; priors keep only kept rows, in order."""
+        keep = np.asarray(keep, dtype=bool)
+        new_row = np.full(len(keep), -1, dtype=np.int64)
+        new_row[keep] = np.arange(int(keep.sum()))
+        counts = np.diff(self.prior_offsets)
+        owner = np.repeat(np.arange(len(keep)), counts)  # occurrence owning each prior entry
+        mapped = new_row[self.prior_rows]
+        kept_entry = keep[owner] & (mapped >= 0)
+        new_counts = np.bincount(owner[kept_entry], minlength=len(keep))[keep]
+        return dataclasses.replace(
+            self, occ_image=self.occ_image[keep], occ_cluster=self.occ_cluster[keep], occ_area=self.occ_area[keep],
+            occ_prototype=self.occ_prototype[keep],
+            prior_offsets=np.concatenate([[0], np.cumsum(new_counts)]).astype(np.int64),
+            prior_rows=mapped[kept_entry].astype(np.int32),
+        )
+
+    def split_holdout(self, fraction: float, seed: int) -> tuple[PseudoTaskIndex, PseudoTaskIndex]:
+        """(train, held-out) indices over disjoint images: a seeded ``fraction`` of the indexed
+        images (at least one) is held out for model selection and never seen in training."""
+        images = np.unique(self.occ_image)
+        n_out = max(1, int(round(fraction * len(images))))
+        if n_out >= len(images):
+            raise ValueError(f"cannot hold out {n_out} of {len(images)} indexed images")
+        held = np.random.default_rng(seed).choice(images, size=n_out, replace=False)
+        out = np.isin(self.occ_image, held)
+        return self.select(~out), self.select(out)
 
     @property
     def num_occurrences(self) -> int:

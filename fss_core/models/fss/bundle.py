@@ -1,0 +1,68 @@
+"""A trained FSS model on disk: ``model.json`` (what to build) + ``weights.pt`` (state dict).
+
+The state dict includes the frozen backbone, so a bundle needs no other file to load. The
+same bundle feeds evaluation, ``fss predict`` and the MLflow pyfunc model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fss_core.models.backbones import build_backbone
+from fss_core.models.fss.network import FSSModelConfig, FSSNetwork
+
+SPEC_FILE = "model.json"
+WEIGHTS_FILE = "weights.pt"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to rebuild the network, and the input size it was trained at."""
+
+    backbone: str
+    image_size: int
+    config: FSSModelConfig
+
+    def to_json(self) -> str:
+        return json.dumps({"backbone": self.backbone, "image_size": self.image_size,
+                           "config": dataclasses.asdict(self.config)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        raw = json.loads(text)
+        return cls(raw["backbone"], int(raw["image_size"]), FSSModelConfig(**raw["config"]))
+
+
+def build_model(spec: ModelSpec, backbone_checkpoint: str | os.PathLike | None = None) -> FSSNetwork:
+    """A fresh network for ``spec`` (backbone weights from ``backbone_checkpoint`` if given)."""
+    return FSSNetwork(build_backbone(spec.backbone, checkpoint=backbone_checkpoint), spec.config)
+
+
+def save_bundle(folder: str | os.PathLike, model: FSSNetwork, spec: ModelSpec) -> Path:
+    """Write ``folder/model.json`` and ``folder/weights.pt`` (atomically, weights first)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, write in ((WEIGHTS_FILE, lambda p: torch.save(model.state_dict(), p)),
+                        (SPEC_FILE, lambda p: p.write_text(spec.to_json()))):
+        tmp = folder / f".{name}.tmp{os.getpid()}"
+        write(tmp)
+        os.replace(tmp, folder / name)
+    return folder
+
+
+def load_bundle(folder: str | os.PathLike, map_location: str = "cpu") -> tuple[FSSNetwork, ModelSpec]:
+    """Rebuild the network of a bundle and load its weights strictly; returns it in eval mode."""
+    folder = Path(folder)
+    if not (folder / SPEC_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{folder} is not a model bundle (needs {SPEC_FILE} and {WEIGHTS_FILE})")
+    spec = ModelSpec.from_json((folder / SPEC_FILE).read_text())
+    model = build_model(spec)
+    state = torch.load(folder / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), spec
