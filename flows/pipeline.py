@@ -3,9 +3,11 @@ train → evaluate → register. Composition only; the work is in ``tasks/``."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
+import dask
 from prefect import flow, unmapped
 from prefect_dask import DaskTaskRunner
 
@@ -16,31 +18,69 @@ from tasks.extract import extract_finish_task, extract_prepare_task, extract_sha
 from tasks.ingest import ingest_task
 from tasks.pseudo import pseudo_finish_task, pseudo_prepare_task, pseudo_shard_task
 from tasks.task_index import task_index_task
+from tasks.evaluate import evaluate_task
+from tasks.train import train_task
 from tasks.tracking import pipeline_run
 from tasks.workspace import save_resolved_config, workspace_of
 
 log = logging.getLogger(__name__)
 
 
+STAGES = ("ingest", "extract", "cluster", "pseudo", "task_index", "train", "evaluate")
+
+
 @flow(name="fss-stages", log_prints=True)
-def stages(config: dict, parent_run_id: str | None = None) -> dict[str, Any]:
+def stages(config: dict, parent_run_id: str | None = None, warm_start: bool = False,
+           init_bundle: str | None = None, until: str = "evaluate") -> dict[str, Any]:
     """The DAG itself; runs on the Dask task runner it is given. Each stage skips itself
-    when its build key matches what is stored."""
+    when its build key matches what is stored. ``warm_start``: k-means starts from the
+    current centroids; ``init_bundle``: training starts from that model (retraining);
+    ``until``: the last stage to run (the per-stage CLI commands)."""
+    if until not in STAGES:
+        raise ValueError(f"until must be one of {STAGES}, got {until!r}")
+    stop = STAGES.index(until)
     cfg = unmapped(config)
-    ingested = ingest_task.submit(config, parent_run_id).result()
+    results: dict[str, Any] = {}
+    results["ingest"] = ingested = ingest_task.submit(config, parent_run_id).result()
+    if stop < 1:
+        return results
 
     plan = extract_prepare_task.submit(config, ingested.build_key, parent_run_id).result()
     computed = extract_shard_task.map(cfg, unmapped(plan.backbone), plan.blocks, plan.paths)
     plan = extract_finish_task.submit(config, plan, computed, parent_run_id).result()
+    results["extracted"] = sum(f.result() for f in computed)
+    if stop < 2:
+        return results
 
-    clusters = cluster_task.submit(config, plan.output_key, parent_run_id).result()
+    results["cluster"] = clusters = cluster_task.submit(config, plan.output_key, parent_run_id, warm_start).result()
+    if stop < 3:
+        return results
 
     masks = pseudo_prepare_task.submit(config, clusters.build_key).result()
     written = pseudo_shard_task.map(cfg, unmapped(masks.build_key), masks.blocks, masks.paths)
-    quality = pseudo_finish_task.submit(config, masks, written, parent_run_id).result()
+    results["pseudo_quality"] = pseudo_finish_task.submit(config, masks, written, parent_run_id).result()
+    if stop < 4:
+        return results
 
-    index = task_index_task.submit(config, masks.build_key, masks.image_ids, parent_run_id).result()
-    return {"ingest": ingested, "cluster": clusters, "pseudo_quality": quality, "task_index": index}
+    results["task_index"] = index = task_index_task.submit(config, masks.build_key, masks.image_ids,
+                                                           parent_run_id).result()
+    if stop < 5:
+        return results
+
+    with on_gpu_worker(config):
+        trained = train_task.submit(config, index.build_key, plan.backbone, parent_run_id, init_bundle).result()
+    results["train"] = trained
+    if stop < 6:
+        return results
+
+    results["evaluate"] = evaluate_task.submit(config, trained, plan.backbone, parent_run_id).result()
+    return results
+
+
+def on_gpu_worker(config: dict):
+    """Route the next submitted task to a Dask worker offering the configured GPU resource."""
+    resource = config["runtime"].get("gpu_resource")
+    return dask.annotate(resources={resource: 1}) if resource else contextlib.nullcontext()
 
 
 @flow(name="fss-pipeline", log_prints=True)
@@ -49,8 +89,10 @@ def pipeline(
     overrides: list[str] | None = None,
     dask_address: str | None = None,
     config: dict | None = None,
+    until: str = "evaluate",
 ) -> dict[str, Any]:
-    """Run the whole pipeline on a config file (or dict) with ``section.key=value`` overrides.
+    """Run the pipeline on a config file (or dict) with ``section.key=value`` overrides,
+    up to and including stage ``until``.
 
     Parameters are what the Prefect UI shows for a manual run of the deployment.
     """
@@ -62,5 +104,5 @@ def pipeline(
     log.info("workspace %s; resolved config in %s", ws.root, run_dir)
     with dask_cluster(cfg.runtime) as address, pipeline_run(cfg) as run:
         runner = DaskTaskRunner(address=address)
-        results = stages.with_options(task_runner=runner)(cfg.model_dump(mode="json"), run.info.run_id)
+        results = stages.with_options(task_runner=runner)(cfg.model_dump(mode="json"), run.info.run_id, until=until)
     return results

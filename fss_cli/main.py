@@ -151,10 +151,37 @@ def prepare_lists_cmd(
                              num_classes=num_classes).summary())
 
 
-def _run_pipeline(cfg, dask_address: str | None) -> dict:
+def _run_pipeline(cfg, dask_address: str | None, until: str = "evaluate") -> dict:
     from flows.pipeline import pipeline
 
-    return pipeline(config=cfg.model_dump(mode="json"), dask_address=dask_address)
+    return pipeline(config=cfg.model_dump(mode="json"), dask_address=dask_address, until=until)
+
+
+def _stage_command(until: str, doc: str):
+    def command(
+        config: ConfigOpt = None,
+        set_: SetOpt = None,
+        workspace: WorkspaceOpt = None,
+        dask_address: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler")] = None,
+    ) -> None:
+        _setup_logging()
+        cfg = _config(config, set_, workspace)
+        results = _run_pipeline(cfg, dask_address, until=until)
+        from fss_cli.report import print_summary
+
+        print_summary(cfg, results)
+
+    command.__doc__ = doc
+    return command
+
+
+for _name, _until, _doc in (
+    ("extract", "extract", "Pixel embeddings of every training image into embeddings.zarr (resumable)."),
+    ("cluster", "cluster", "Dask k-means of the embeddings into pseudo-classes (clusters.zarr)."),
+    ("pseudo", "pseudo", "Pseudo masks (one PNG per image) and their quality report."),
+    ("train", "train", "Everything up to a trained FSS model (mode from train.mode)."),
+):
+    app.command(_name)(_stage_command(_until, _doc))
 
 
 @app.command()
@@ -184,6 +211,102 @@ def demo(
     from fss_cli.report import print_summary
 
     print_summary(cfg, results)
+
+
+@app.command()
+def evaluate(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workspace: WorkspaceOpt = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="A trained model bundle; none = the pipeline's model")] = None,
+    baseline: Annotated[bool, typer.Option(help="Evaluate the training-free prototype baseline instead")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder for metrics.json and episodes")] = None,
+    save_predictions: Annotated[bool, typer.Option(help="Also one PNG per episode")] = False,
+    overlays: Annotated[int, typer.Option(help="Overlay pictures for the first N episodes")] = 0,
+    dask_address: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler")] = None,
+) -> None:
+    """The few-shot protocol: every evaluate.folds × evaluate.shots, mean ± std over evaluate.seeds.
+
+    Without --bundle/--baseline it runs the pipeline up to evaluation (model vs baseline).
+    With them it evaluates that model on the configured dataset's val split directly.
+    """
+    _setup_logging()
+    cfg = _config(config, set_, workspace)
+    if bundle is None and not baseline:
+        results = _run_pipeline(cfg, dask_address, until="evaluate")
+        typer.echo(results["evaluate"].table)
+        return
+    from fss_cli.standalone import evaluate_standalone
+
+    typer.echo(evaluate_standalone(cfg, bundle, out or Path("evaluation"), save_predictions, overlays))
+
+
+@app.command()
+def predict(
+    bundle: Annotated[Path, typer.Option(help="Trained model bundle (model.json + weights.pt)")],
+    support: Annotated[list[str], typer.Option(help="IMAGE:MASK, repeat for several shots")],
+    query: Annotated[list[Path], typer.Option(help="Query image (more may follow as arguments)")],
+    more_queries: Annotated[Optional[list[Path]], typer.Argument(help="More query images")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for the masks")] = Path("predictions"),
+    device: str = "cpu",
+) -> None:
+    """Segment, in new images, the class the support masks show (masks: nonzero = foreground)."""
+    from fss_core.inference.predict import PredictInputError, predict as run_predict, save_masks
+    from fss_core.models.fss.bundle import load_bundle
+
+    _setup_logging()
+    pairs = []
+    for item in support:
+        image, sep, mask = item.rpartition(":")
+        if not sep or not image:
+            _fail(f"--support {item!r} must be IMAGE:MASK")
+        pairs.append((Path(image), Path(mask)))
+    queries = list(query) + list(more_queries or [])
+    try:
+        model, spec = load_bundle(bundle)
+        masks = run_predict(model, pairs, queries, image_size=spec.image_size, device=device)
+        paths = save_masks(masks, [q.stem for q in queries], out)
+    except (PredictInputError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    for q, p in zip(queries, paths):
+        typer.echo(f"{q} -> {p}")
+
+
+@app.command()
+def ui(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workspace: WorkspaceOpt = None,
+    mlflow_port: int = 5000,
+    prefect_port: int = 4200,
+) -> None:
+    """Start the MLflow UI (on the workspace's store) and the Prefect server, on 127.0.0.1."""
+    import subprocess
+    import time
+
+    cfg = _config(config, set_, workspace)
+    from tasks.tracking import tracking_uri
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    procs = [
+        subprocess.Popen([str(bin_dir / "mlflow"), "server", "--backend-store-uri", tracking_uri(cfg),
+                          "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"], env=env),
+        subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1",
+                          "--port", str(prefect_port)], env=env),
+    ]
+    typer.echo(f"MLflow UI:  http://127.0.0.1:{mlflow_port}\nPrefect UI: http://127.0.0.1:{prefect_port}\n"
+               "Ctrl-C stops both.")
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
 
 
 @app.command("serve")

@@ -23,6 +23,10 @@ def print_summary(cfg: PipelineConfig, results: dict[str, Any]) -> None:
     """One table per stage result, then how to open the UIs."""
     console = Console()
     for stage, value in results.items():
+        if hasattr(value, "table"):  # the evaluation's comparison table
+            console.print(f"[bold]{stage}[/bold] (mIoU %, mean ± std over seeds)")
+            console.print(value.table)
+            continue
         table = Table(title=stage, show_header=True)
         table.add_column("field")
         table.add_column("value")

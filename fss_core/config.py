@@ -141,6 +141,14 @@ class EvaluateConfig(_Section):
     overlays: int = Field(8, ge=0)
 
 
+class RetrainConfig(_Section):
+    """Retraining when new unlabeled images arrive (the scheduled ``retrain`` flow)."""
+
+    min_new_images: int = Field(1, ge=1)
+    min_new_fraction: float = Field(0.05, ge=0, le=1, description="new images / images already known")
+    epochs: int = Field(5, ge=1, description="meta-training epochs from the champion model")
+
+
 class RuntimeConfig(_Section):
     """Where the run happens: workspace, Dask cluster, MLflow tracking."""
 
@@ -163,6 +171,7 @@ class PipelineConfig(_Section):
     pseudo: PseudoConfig = PseudoConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    retrain: RetrainConfig = RetrainConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")

@@ -1,0 +1,88 @@
+"""The whole pipeline on tiny synthetic data: caching by build key, and a changed setting
+re-running exactly its stage and the ones after it."""
+
+from __future__ import annotations
+
+import pytest
+
+from fss_core.config import load_config
+from fss_core.data.manifest import read_manifest
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+TINY = [
+    "runtime.n_workers=2", "runtime.progress=false",
+    "data.synthetic.images=40", "data.synthetic.classes=4", "data.synthetic.size=64",
+    "extract.long_side=64", "extract.shard_size=16", "extract.ssl.epochs=1", "extract.ssl.image_size=48",
+    "cluster.num_clusters=8", "train.epochs=1", "train.image_size=65", "train.hidden=32", "train.ffn=64",
+    "train.heads=4", "train.fg_prototypes=4", "train.bg_prototypes=8", "train.batch_size=4",
+    "evaluate.folds=[0]", "evaluate.shots=[1]", "evaluate.seeds=[0]", "evaluate.episodes=6", "evaluate.overlays=1",
+]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return tmp_path_factory.mktemp("e2e") / "ws"
+
+
+def _run(workspace, *extra):
+    from flows.pipeline import pipeline
+
+    cfg = load_config(None, [f"runtime.workspace={workspace}", *TINY, *extra])
+    return pipeline(config=cfg.model_dump(mode="json"))
+
+
+def _mtime(path):
+    return max(p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file())
+
+
+def test_first_run_builds_every_stage(workspace):
+    r = _run(workspace)
+    assert r["ingest"].ok == 40
+    train_images = [row for row in read_manifest(workspace / "manifest.jsonl") if row.split == "train"]
+    assert r["extracted"] == len(train_images) > 0  # the train split only: val images are never embedded
+    assert not r["cluster"].cached and r["cluster"].num_clusters == 8
+    q = r["pseudo_quality"]
+    assert q.num_images > 0 and q.miou > q.random_baseline_miou
+    assert r["task_index"].occurrences > 0 and not r["train"].cached
+    assert (workspace / "models").is_dir()
+    rows = r["evaluate"].rows
+    assert {row.method for row in rows} == {"unsupervised", "baseline"}
+    assert all(0.0 <= row.miou <= 1.0 for row in rows)
+    _assert_tracked(workspace)
+
+
+def _assert_tracked(workspace):
+    """One parent run with the resolved config, and a nested run per stage that did work."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import experiment_name, tracking_uri
+
+    cfg = load_config(None, [f"runtime.workspace={workspace}", *TINY])
+    client = MlflowClient(tracking_uri(cfg))
+    runs = client.search_runs([client.get_experiment_by_name(experiment_name(cfg)).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("fss.kind") == "pipeline"]
+    assert len(parents) == 1
+    nested = {r.data.tags["fss.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert {"ingest", "ssl_pretrain", "extract", "cluster", "pseudo", "task_index", "train", "evaluate"} <= set(nested)
+    assert nested["pseudo"].data.metrics["pseudo_miou"] > nested["pseudo"].data.metrics["random_baseline_miou"]
+    assert "train_loss" in nested["train"].data.metrics
+    saved = client.download_artifacts(parents[0].info.run_id, "config/resolved_config.yaml", str(workspace.parent))
+    assert load_config(saved) == cfg
+    assert any((workspace / "runs").iterdir())  # also next to the workspace, with the git commit
+
+
+def test_unchanged_rerun_recomputes_nothing(workspace):
+    before = _mtime(workspace / "embeddings.zarr"), _mtime(workspace / "pseudo_masks")
+    r = _run(workspace)
+    assert r["ingest"].added == 0 and r["extracted"] == 0
+    assert r["cluster"].cached and r["task_index"].cached and r["train"].cached and r["evaluate"].cached
+    assert (_mtime(workspace / "embeddings.zarr"), _mtime(workspace / "pseudo_masks")) == before
+
+
+def test_changed_cluster_setting_reruns_cluster_and_later_stages_only(workspace):
+    embeddings_before = _mtime(workspace / "embeddings.zarr")
+    r = _run(workspace, "cluster.num_clusters=6")
+    assert r["extracted"] == 0 and _mtime(workspace / "embeddings.zarr") == embeddings_before
+    assert not r["cluster"].cached and r["cluster"].num_clusters == 6
+    assert not r["task_index"].cached and not r["train"].cached and not r["evaluate"].cached
