@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine:
 #   make demo   create the environment if needed, then run the whole pipeline on synthetic data
-#   make test   create the environment if needed, then run the test suite
+#   make test   create the environment if needed (and Debian's chromium for the MLflow UI
+#               test), then run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,7 +12,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: env demo test lint clean
+.PHONY: env demo test clean
 
 env: $(STAMP)
 
@@ -26,6 +27,7 @@ demo: env
 	$(BIN)/fss demo
 
 test: env
+	bash scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest
 
 clean:
