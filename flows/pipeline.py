@@ -19,6 +19,7 @@ from tasks.ingest import ingest_task
 from tasks.pseudo import pseudo_finish_task, pseudo_prepare_task, pseudo_shard_task
 from tasks.task_index import task_index_task
 from tasks.evaluate import evaluate_task
+from tasks.register import register_task
 from tasks.train import train_task
 from tasks.tracking import pipeline_run
 from tasks.workspace import save_resolved_config, workspace_of
@@ -26,12 +27,12 @@ from tasks.workspace import save_resolved_config, workspace_of
 log = logging.getLogger(__name__)
 
 
-STAGES = ("ingest", "extract", "cluster", "pseudo", "task_index", "train", "evaluate")
+STAGES = ("ingest", "extract", "cluster", "pseudo", "task_index", "train", "evaluate", "register")
 
 
 @flow(name="fss-stages", log_prints=True)
 def stages(config: dict, parent_run_id: str | None = None, warm_start: bool = False,
-           init_bundle: str | None = None, until: str = "evaluate") -> dict[str, Any]:
+           init_bundle: str | None = None, until: str = "register") -> dict[str, Any]:
     """The DAG itself; runs on the Dask task runner it is given. Each stage skips itself
     when its build key matches what is stored. ``warm_start``: k-means starts from the
     current centroids; ``init_bundle``: training starts from that model (retraining);
@@ -73,7 +74,11 @@ def stages(config: dict, parent_run_id: str | None = None, warm_start: bool = Fa
     if stop < 6:
         return results
 
-    results["evaluate"] = evaluate_task.submit(config, trained, plan.backbone, parent_run_id).result()
+    results["evaluate"] = evaluation = evaluate_task.submit(config, trained, plan.backbone, parent_run_id).result()
+    if stop < 7:
+        return results
+
+    results["register"] = register_task.submit(config, trained, evaluation, parent_run_id).result()
     return results
 
 
@@ -89,7 +94,7 @@ def pipeline(
     overrides: list[str] | None = None,
     dask_address: str | None = None,
     config: dict | None = None,
-    until: str = "evaluate",
+    until: str = "register",
 ) -> dict[str, Any]:
     """Run the pipeline on a config file (or dict) with ``section.key=value`` overrides,
     up to and including stage ``until``.

@@ -151,7 +151,7 @@ def prepare_lists_cmd(
                              num_classes=num_classes).summary())
 
 
-def _run_pipeline(cfg, dask_address: str | None, until: str = "evaluate") -> dict:
+def _run_pipeline(cfg, dask_address: str | None, until: str = "register") -> dict:
     from flows.pipeline import pipeline
 
     return pipeline(config=cfg.model_dump(mode="json"), dask_address=dask_address, until=until)

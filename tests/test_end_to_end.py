@@ -86,3 +86,46 @@ def test_changed_cluster_setting_reruns_cluster_and_later_stages_only(workspace)
     assert r["extracted"] == 0 and _mtime(workspace / "embeddings.zarr") == embeddings_before
     assert not r["cluster"].cached and r["cluster"].num_clusters == 6
     assert not r["task_index"].cached and not r["train"].cached and not r["evaluate"].cached
+
+
+def _add_train_images(root, count):
+    """Draw ``count`` new images into the synthetic source and list them as training images."""
+    from fss_core.data.images import save_label, save_rgb
+    from fss_core.data.synthetic import class_model, render_image
+
+    specs = class_model(4)
+    lines = []
+    for i in range(count):
+        rgb, label = render_image(10_000 + i, 99, specs, 64, (1, 2))
+        image_id = f"new_{i:03d}"
+        save_rgb(root / "JPEGImages" / f"{image_id}.jpg", rgb)
+        save_label(root / "SegmentationClassAug" / f"{image_id}.png", label)
+        lines.append(f"JPEGImages/{image_id}.jpg SegmentationClassAug/{image_id}.png\n")
+    with open(root / "lists" / "train.txt", "a") as fh:
+        fh.writelines(lines)
+
+
+def test_retrain_embeds_only_new_images_and_starts_from_the_champion(workspace):
+    from flows.retrain import retrain
+    from storage_schemas import CLUSTERS, EMBEDDINGS, open_store
+
+    overrides = [f"runtime.workspace={workspace}", *TINY, "cluster.num_clusters=6", "retrain.epochs=1"]
+    r = _run(workspace, "cluster.num_clusters=6")
+    assert r["register"].version >= 1
+    quiet = retrain(overrides=overrides)
+    assert quiet["retrained"] is False and quiet["new_images"] == 0
+
+    known = len(open_store(workspace / "embeddings.zarr", EMBEDDINGS).attrs["image_ids"])
+    new = max(1, known // 10)
+    _add_train_images(workspace / "data" / "synthetic", new)
+    old_features = open_store(workspace / "embeddings.zarr", EMBEDDINGS)["features"][:known]
+
+    result = retrain(overrides=overrides)
+    assert result["retrained"] is True and result["new_images"] == new
+    assert result["extracted"] == new  # only the new images were embedded
+    emb = open_store(workspace / "embeddings.zarr", EMBEDDINGS)
+    assert len(emb.attrs["image_ids"]) == known + new
+    assert (emb["features"][:known] == old_features).all()  # old rows untouched
+    assert open_store(workspace / "clusters.zarr", CLUSTERS).attrs["warm_start_parent"] == r["cluster"].build_key
+    assert not result["train"].cached
+    assert result["register"].version == r["register"].version + 1

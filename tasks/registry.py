@@ -1,0 +1,130 @@
+"""The model registry: every trained model becomes a version of the workspace's registered model.
+
+Aliases: ``candidate`` is the latest registered version; ``champion`` is the best by score
+(model-version tag ``fss.score``), and moves only when a new version beats it. Retraining
+starts from the champion's bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.tracking import MlflowClient
+
+from fss_core.config import PipelineConfig
+from tasks.pyfunc_model import log_fss_model
+from tasks.tracking import ensure_experiment, experiment_name, stage_run
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CANDIDATE = "candidate"
+SCORE_TAG = "fss.score"
+SCORE_KEY_TAG = "fss.score_key"
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """One registered model version and whether it became the champion."""
+
+    name: str
+    version: int
+    model_uri: str
+    score: float
+    is_champion: bool
+
+
+def registered_model_name(cfg: PipelineConfig) -> str:
+    """The registered model of a workspace is named after its experiment."""
+    return experiment_name(cfg)
+
+
+def _champion_version(client: MlflowClient, name: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no such registered model, or no champion alias yet
+        return None
+
+
+def _score_of(version: ModelVersion) -> float | None:
+    text = version.tags.get(SCORE_TAG)
+    return float(text) if text is not None else None
+
+
+def register_model(
+    cfg: PipelineConfig,
+    bundle_dir: str | os.PathLike,
+    metrics: dict[str, float],
+    parent_run_id: str | None = None,
+    score_key: str = "miou_1shot",
+) -> RegisteredVersion:
+    """Log ``bundle_dir`` as a pyfunc model in a ``register`` stage run and register it.
+
+    The new version gets the alias ``candidate``, and ``champion`` too when there is no scored
+    champion yet or ``metrics[score_key]`` is strictly higher than the champion's score.
+    """
+    if score_key not in metrics:
+        raise KeyError(f"metrics lack the score {score_key!r} that ranks models; got {sorted(metrics)}")
+    score = float(metrics[score_key])
+    if not math.isfinite(score):
+        raise ValueError(f"metrics[{score_key!r}] must be a finite number to rank models, got {score}")
+    name = registered_model_name(cfg)
+    with stage_run(cfg, "register", parent_run_id):
+        mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
+        info = log_fss_model(bundle_dir)
+        version = mlflow.register_model(info.model_uri, name, tags={SCORE_TAG: str(score), SCORE_KEY_TAG: score_key})
+        client = MlflowClient()
+        client.set_registered_model_alias(name, CANDIDATE, version.version)
+        champion = _champion_version(client, name)
+        best = _score_of(champion) if champion is not None else None
+        is_champion = best is None or score > best
+        if is_champion:
+            client.set_registered_model_alias(name, CHAMPION, version.version)
+        mlflow.set_tags({"fss.registered_model": name, "fss.registered_version": version.version,
+                         "fss.champion": str(is_champion).lower()})
+    log.info("registered %s version %s (%s = %.4f; champion's was %s): %s", name, version.version, score_key,
+             score, "none" if best is None else f"{best:.4f}",
+             "new champion" if is_champion else "champion unchanged")
+    return RegisteredVersion(name, int(version.version), f"models:/{name}/{version.version}", score, is_champion)
+
+
+def champion_score(cfg: PipelineConfig) -> float | None:
+    """The champion's score, or None when no model is registered yet."""
+    ensure_experiment(cfg)
+    champion = _champion_version(MlflowClient(), registered_model_name(cfg))
+    return _score_of(champion) if champion is not None else None
+
+
+def champion_bundle(cfg: PipelineConfig, dest_dir: str | os.PathLike) -> Path | None:
+    """Download the champion's model bundle into ``dest_dir`` (replacing what is there).
+
+    Returns ``dest_dir``, loadable with ``load_bundle``, or None when there is no champion.
+    """
+    ensure_experiment(cfg)
+    client = MlflowClient()
+    champion = _champion_version(client, registered_model_name(cfg))
+    if champion is None:
+        return None
+    model_root = client.get_model_version_download_uri(champion.name, champion.version)
+    dest = Path(dest_dir)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.") as tmp:
+        # The bundle sits where the pyfunc flavour says: artifacts/<bundle folder name>.
+        mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_root}/MLmodel", dst_path=tmp)
+        bundle_subpath = Model.load(mlmodel).flavors["python_function"]["artifacts"]["bundle"]["path"]
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_root}/{bundle_subpath}", dst_path=tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(local, dest)
+    log.info("champion %s version %s downloaded to %s", champion.name, champion.version, dest)
+    return dest

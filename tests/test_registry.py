@@ -1,0 +1,195 @@
+"""The trained model in MLflow: pyfunc model on base64 images, a fresh-process load, registry aliases."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from fss_core.config import load_config
+from fss_core.inference.predict import PredictInputError, predict
+from fss_core.models.backbones import build_backbone
+from fss_core.models.fss import FSSModelConfig, FSSNetwork
+from fss_core.models.fss.bundle import ModelSpec, load_bundle, save_bundle
+from tasks.pyfunc_model import log_fss_model
+from tasks.registry import champion_bundle, champion_score, register_model, registered_model_name
+from tasks.tracking import ensure_experiment, pipeline_run
+
+IMAGE_SIZE = 41
+TINY = FSSModelConfig(hidden=32, ffn=64, heads=4, fg_prototypes=4, bg_prototypes=6)
+
+# The model's code must come from its own copy: the child runs without the site hooks that make
+# the project importable (no .pth files), from another cwd, with only the venv's site-packages.
+FRESH_PROCESS = """
+import json, sys
+sys.path.append(sys.argv[1])
+import mlflow
+model = mlflow.pyfunc.load_model(sys.argv[2])
+out = model.predict(json.loads(sys.argv[3]))
+import fss_core
+print(json.dumps({"fss_core": fss_core.__file__, "rows": out.to_dict("records")}))
+"""
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tensors here are tiny: intra-op threads only add overhead on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_bundle(folder: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    return save_bundle(folder, FSSNetwork(build_backbone("small_cnn"), TINY), ModelSpec("small_cnn", IMAGE_SIZE, TINY))
+
+
+def b64_png(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def png_array(text: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
+
+
+def scene(h: int, w: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy image with a red box, and the box's 0/1 mask."""
+    rgb = np.random.default_rng(seed).integers(80, 160, size=(h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), dtype=np.uint8)
+    rgb[h // 4 : h // 2, w // 4 : w // 2] = (220, 40, 40)
+    mask[h // 4 : h // 2, w // 4 : w // 2] = 1
+    return rgb, mask
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """One workspace (one sqlite store: creating it costs seconds) for the whole module."""
+    return tmp_path_factory.mktemp("registry-ws")
+
+
+@pytest.fixture(scope="module")
+def logged(workspace):
+    """A tiny model bundle logged as a pyfunc model: (bundle folder, model info)."""
+    cfg = load_config(None, [f"runtime.workspace={workspace}"])
+    bundle = tiny_bundle(workspace / "bundles" / "logged", seed=0)
+    with mlflow.start_run(experiment_id=ensure_experiment(cfg)):
+        info = log_fss_model(bundle)
+    return bundle, info
+
+
+def test_pyfunc_segments_base64_queries_like_the_library(logged):
+    bundle, info = logged
+    supports = [scene(30, 40, seed=1), scene(36, 24, seed=2)]
+    queries = [scene(25, 33, seed=3)[0], scene(50, 20, seed=4)[0], scene(21, 21, seed=5)[0]]
+    rows = [{"query": b64_png(q), "support_images": [b64_png(i) for i, _ in supports[:n]],
+             "support_masks": [b64_png(m * 255) for _, m in supports[:n]]} for q, n in zip(queries, (2, 1, 2))]
+    out = mlflow.pyfunc.load_model(info.model_uri).predict(pd.DataFrame(rows))
+
+    model, spec = load_bundle(bundle)
+    expected = [predict(model, supports[:n], [q], image_size=spec.image_size)[0] for q, n in zip(queries, (2, 1, 2))]
+    assert list(out.columns) == ["mask", "height", "width"] and len(out) == 3
+    for row, query, truth in zip(out.to_dict("records"), queries, expected):
+        mask = png_array(row["mask"])
+        assert mask.shape == query.shape[:2] == (row["height"], row["width"])
+        assert set(np.unique(mask)) <= {0, 1}
+        np.testing.assert_array_equal(mask, truth)
+    # JSON records (what `mlflow models serve` receives) give the same answer.
+    as_records = mlflow.pyfunc.load_model(info.model_uri).predict(json.loads(json.dumps(rows)))
+    assert as_records["mask"].tolist() == out["mask"].tolist()
+
+
+def test_model_loads_in_a_fresh_process_from_its_own_code(logged, tmp_path):
+    _, info = logged
+    rgb, mask = scene(30, 40, seed=1)
+    query = scene(27, 35, seed=6)[0]
+    record = {"query": b64_png(query), "support_images": [b64_png(rgb)], "support_masks": [b64_png(mask)]}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", FRESH_PROCESS, sysconfig.get_paths()["purelib"], info.model_uri,
+         json.dumps([record])],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    model_dir = Path(urlparse(MlflowClient().get_logged_model(info.model_id).artifact_location).path)
+    assert Path(result["fss_core"]) == model_dir / "code" / "fss_core" / "__init__.py"
+    in_process = mlflow.pyfunc.load_model(info.model_uri).predict([record])
+    assert result["rows"] == in_process.to_dict("records")
+    assert png_array(result["rows"][0]["mask"]).shape == query.shape[:2]
+
+
+def test_bad_input_is_rejected_with_a_message_naming_row_and_field(logged):
+    _, info = logged
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    rgb, mask = scene(30, 40, seed=1)
+    good = {"query": b64_png(rgb), "support_images": [b64_png(rgb)], "support_masks": [b64_png(mask)]}
+    wrong_size = {**good, "support_masks": [b64_png(mask[:20, :25])]}
+    with pytest.raises(PredictInputError, match=r"row 1: support 1: mask .* is 25x20 but its image .* is 40x30") as err:
+        model.predict([good, wrong_size])
+    assert err.value.get_http_status_code() == 400  # what `mlflow models serve` answers, with this message
+    with pytest.raises(PredictInputError, match=r"row 0: support_masks\[0\]: not valid base64"):
+        model.predict([{**good, "support_masks": ["not base64!"]}])
+    with pytest.raises(PredictInputError, match=r"row 0: query: not a readable"):
+        model.predict([{**good, "query": base64.b64encode(b"no image here").decode()}])
+    with pytest.raises(PredictInputError, match=r"row 0: 1 support_images but 2 support_masks"):
+        model.predict(pd.DataFrame([{**good, "support_masks": good["support_masks"] * 2}]))
+
+
+def test_champion_moves_only_to_a_better_model(workspace, tmp_path):
+    cfg = load_config(None, [f"runtime.workspace={workspace}", "runtime.experiment=fss-registry-test"])
+    name = registered_model_name(cfg)
+    assert champion_score(cfg) is None and champion_bundle(cfg, tmp_path / "none") is None
+    bundles = [tiny_bundle(tmp_path / f"b{i}", seed=10 + i) for i in range(3)]
+    with pipeline_run(cfg, run_name="registry-test") as parent:
+        first = register_model(cfg, bundles[0], {"miou_1shot": 0.3, "loss": 1.0}, parent.info.run_id)
+        second = register_model(cfg, bundles[1], {"miou_1shot": 0.2}, parent.info.run_id)
+        client = MlflowClient()
+        assert (first.is_champion, second.is_champion) == (True, False)
+        assert int(client.get_model_version_by_alias(name, "champion").version) == first.version == 1
+        assert int(client.get_model_version_by_alias(name, "candidate").version) == second.version == 2
+        assert champion_score(cfg) == pytest.approx(0.3)
+        third = register_model(cfg, bundles[2], {"miou_1shot": 0.5}, parent.info.run_id)
+    assert third.is_champion and third.version == 3
+    assert int(client.get_model_version_by_alias(name, "champion").version) == 3
+    assert int(client.get_model_version_by_alias(name, "candidate").version) == 3
+    assert champion_score(cfg) == pytest.approx(0.5)
+
+    register_runs = client.search_runs([parent.info.experiment_id], "tags.`fss.stage` = 'register'")
+    assert len(register_runs) == 3
+    assert {r.data.tags["mlflow.parentRunId"] for r in register_runs} == {parent.info.run_id}
+
+    # The champion's bundle is the third model's, loadable for fine-tuning; it replaces an older download.
+    (tmp_path / "champion").mkdir()
+    (tmp_path / "champion" / "stale.txt").write_text("an older champion")
+    dest = champion_bundle(cfg, tmp_path / "champion")
+    assert dest == tmp_path / "champion" and not (dest / "stale.txt").exists()
+    downloaded, spec = load_bundle(dest)
+    expected, _ = load_bundle(bundles[2])
+    assert spec.image_size == IMAGE_SIZE
+    for key, value in expected.state_dict().items():
+        assert torch.equal(downloaded.state_dict()[key], value), key
+    rgb, mask = scene(30, 40, seed=1)
+    served = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(
+        [{"query": b64_png(rgb), "support_images": [b64_png(rgb)], "support_masks": [b64_png(mask)]}])
+    np.testing.assert_array_equal(png_array(served["mask"][0]),
+                                  predict(expected, [(rgb, mask)], [rgb], image_size=IMAGE_SIZE)[0])
+
+    with pytest.raises(KeyError, match="miou_1shot"):
+        register_model(cfg, bundles[0], {"loss": 0.1})
