@@ -54,8 +54,8 @@ class PretrainReport:
 
 
 @dataclass(frozen=True)
-class _View:
-    """A view's crop box in source pixels (x0, y0, x1, y1) and whether it was mirrored."""
+class ViewGeometry:
+    """Where a view came from: its crop box in source pixels (x0, y0, x1, y1) and whether it was mirrored."""
 
     box: tuple[float, float, float, float]
     flipped: bool
@@ -76,7 +76,7 @@ def _uniform(gen: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * torch.rand((), generator=gen).item()
 
 
-def _random_view(image: torch.Tensor, size: int, gen: torch.Generator) -> tuple[torch.Tensor, _View]:
+def random_view(image: torch.Tensor, size: int, gen: torch.Generator) -> tuple[torch.Tensor, ViewGeometry]:
     """A random resized crop (+ mirror) of ``[3, h, w]`` → ``[3, size, size]`` and its geometry."""
     h, w = image.shape[1:]
     for _ in range(10):
@@ -94,10 +94,10 @@ def _random_view(image: torch.Tensor, size: int, gen: torch.Generator) -> tuple[
     flipped = bool(torch.rand((), generator=gen) < 0.5)
     if flipped:
         crop = crop.flip(-1)
-    return crop, _View((x0, y0, x0 + cw, y0 + ch), flipped)
+    return crop, ViewGeometry((x0, y0, x0 + cw, y0 + ch), flipped)
 
 
-def _colour_jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def colour_jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random brightness, contrast, saturation, hue (p=0.8) and grayscale (p=0.2) on ``[3, H, W]`` in 0..1."""
     weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
     if torch.rand((), generator=gen) < 0.8:
@@ -121,32 +121,28 @@ def _rotate_hue(x: torch.Tensor, angle: float) -> torch.Tensor:
     return torch.einsum("ij,jhw->ihw", matrix, x)
 
 
-def _cell_centres(view: _View, size: int, grid: int) -> torch.Tensor:
-    """Source-pixel (x, y) of every feature cell's receptive-field centre: ``[grid*grid, 2]``, row-major.
+def corresponding_cells(a: ViewGeometry, b: ViewGeometry, size: int, grid: int) -> torch.Tensor:
+    """Where each feature cell of view ``a`` lies on the feature grid of view ``b``: ``[grid*grid, 2]``.
 
-    With stride ``s = size / grid`` and "same" padding, cell j is centred on pixel ``s·j``,
-    i.e. the continuous coordinate ``s·j + 0.5``.
+    Rows follow ``a``'s cells in row-major order; values are (x, y) ``grid_sample`` coordinates
+    of ``b``'s ``[grid, grid]`` map with ``align_corners=True``, so a cell of ``a`` is visible in
+    ``b`` iff both lie in [-1, 1]. With stride ``s = size / grid`` and "same" padding, cell j's
+    receptive field is centred on pixel ``s·j`` (continuous coordinate ``s·j + 0.5``).
     """
-    centres = torch.arange(grid, dtype=torch.float32) * (size / grid) + 0.5
+    stride = size / grid
+    centres = torch.arange(grid, dtype=torch.float32) * stride + 0.5
     ys, xs = torch.meshgrid(centres, centres, indexing="ij")
     xs, ys = xs.reshape(-1), ys.reshape(-1)
-    if view.flipped:
+    if a.flipped:
         xs = size - xs
-    x0, y0, x1, y1 = view.box
-    return torch.stack([x0 + xs / size * (x1 - x0), y0 + ys / size * (y1 - y0)], dim=1)
-
-
-def _to_cells(points: torch.Tensor, view: _View, size: int, grid: int) -> torch.Tensor:
-    """Source-pixel points ``[M, 2]`` → the view's cell coordinates scaled to [-1, 1] (``align_corners=True``).
-
-    A point lies on the view's feature grid iff both coordinates are within [-1, 1].
-    """
-    x0, y0, x1, y1 = view.box
-    xs = (points[:, 0] - x0) / (x1 - x0) * size
-    ys = (points[:, 1] - y0) / (y1 - y0) * size
-    if view.flipped:
+    ax0, ay0, ax1, ay1 = a.box
+    bx0, by0, bx1, by1 = b.box
+    # view a → source pixels → view b
+    xs = (ax0 + xs / size * (ax1 - ax0) - bx0) / (bx1 - bx0) * size
+    ys = (ay0 + ys / size * (ay1 - ay0) - by0) / (by1 - by0) * size
+    if b.flipped:
         xs = size - xs
-    cells = (torch.stack([xs, ys], dim=1) - 0.5) / (size / grid)
+    cells = (torch.stack([xs, ys], dim=1) - 0.5) / stride
     return cells / (grid - 1) * 2 - 1
 
 
@@ -163,8 +159,8 @@ def _projection_head(channels: int) -> nn.Module:
 def dense_contrastive_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,
-    views1: list[_View],
-    views2: list[_View],
+    views1: list[ViewGeometry],
+    views2: list[ViewGeometry],
     size: int,
     gen: torch.Generator,
 ) -> torch.Tensor:
@@ -179,25 +175,25 @@ def dense_contrastive_loss(
     b, d, g, _ = z1.shape
     queries, positives, owners = [], [], []
     for i in range(b):
-        coords = _to_cells(_cell_centres(views1[i], size, g), views2[i], size, g)
+        coords = corresponding_cells(views1[i], views2[i], size, g).to(z1.device)
         inside = (coords.abs() <= 1).all(dim=1)
         if not inside.any():
             continue
         sampled = F.grid_sample(z2[i : i + 1], coords[inside].view(1, 1, -1, 2), align_corners=True)
         positives.append(F.normalize(sampled[0, :, 0].t(), dim=1))
         queries.append(z1[i].flatten(1).t()[inside])
-        owners.append(torch.full((int(inside.sum()),), i))
+        owners.append(torch.full((int(inside.sum()),), i, device=z1.device))
     if not queries:
         return z1.sum() * 0  # no overlap anywhere: nothing to learn from this batch
     q, k, owner = torch.cat(queries), torch.cat(positives), torch.cat(owners)
     if len(q) > MAX_QUERIES:
-        keep = torch.randperm(len(q), generator=gen)[:MAX_QUERIES]
+        keep = torch.randperm(len(q), generator=gen)[:MAX_QUERIES].to(q.device)
         q, k, owner = q[keep], k[keep], owner[keep]
     bank = z2.permute(0, 2, 3, 1).reshape(b * g * g, d)
-    bank_owner = torch.arange(b).repeat_interleave(g * g)
+    bank_owner = torch.arange(b, device=z2.device).repeat_interleave(g * g)
     negatives = (q @ bank.t()).masked_fill(owner[:, None] == bank_owner[None], float("-inf"))
     logits = torch.cat([(q * k).sum(1, keepdim=True), negatives], dim=1) / TEMPERATURE
-    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
 def pretrain_small_cnn(
@@ -215,7 +211,7 @@ def pretrain_small_cnn(
     Views are ``image_size`` squares (a multiple of 8). Deterministic per ``seed`` on the CPU.
     With ``checkpoint_dir``, the backbone's state dict is written to
     ``checkpoint_dir/small_cnn.pth`` (loadable by ``build_backbone("small_cnn", checkpoint=...)``).
-    Returns the trained backbone in eval mode and a ``PretrainReport``.
+    Returns the trained backbone (on ``device``, in eval mode) and a ``PretrainReport``.
     """
     if len(image_paths) < 2:
         raise ValueError(f"self-supervised pretraining needs at least 2 images, got {len(image_paths)}")
@@ -240,14 +236,14 @@ def pretrain_small_cnn(
         epoch_losses = []
         for step in range(steps_per_epoch):
             batch = [sources[i] for i in order[step * batch_size : (step + 1) * batch_size].tolist()]
-            pairs = [[_random_view(image, image_size, gen) for _ in range(2)] for image in batch]
+            pairs = [[random_view(image, image_size, gen) for _ in range(2)] for image in batch]
             x1, x2 = (
-                torch.stack([imagenet_normalize(_colour_jitter(pair[v][0], gen)[None])[0] for pair in pairs]).to(device)
+                torch.stack([imagenet_normalize(colour_jitter(pair[v][0], gen)[None])[0] for pair in pairs]).to(device)
                 for v in (0, 1)
             )
             views1, views2 = [pair[0][1] for pair in pairs], [pair[1][1] for pair in pairs]
-            z1 = F.normalize(head(model(x1)[model.embedding_layer]), dim=1).cpu()
-            z2 = F.normalize(head(model(x2)[model.embedding_layer]), dim=1).cpu()
+            z1 = F.normalize(head(model(x1)[model.embedding_layer]), dim=1)
+            z2 = F.normalize(head(model(x2)[model.embedding_layer]), dim=1)
             loss = 0.5 * (
                 dense_contrastive_loss(z1, z2, views1, views2, image_size, gen)
                 + dense_contrastive_loss(z2, z1, views2, views1, image_size, gen)
