@@ -9,7 +9,9 @@ from typing import Any
 
 import dask
 from prefect import flow, unmapped
+from prefect.futures import as_completed
 from prefect_dask import DaskTaskRunner
+from tqdm import tqdm
 
 from flows.dask_runtime import dask_cluster
 from fss_core.config import load_config
@@ -48,6 +50,7 @@ def stages(config: dict, parent_run_id: str | None = None, warm_start: bool = Fa
 
     plan = extract_prepare_task.submit(config, ingested.build_key, parent_run_id).result()
     computed = extract_shard_task.map(cfg, unmapped(plan.backbone), plan.blocks, plan.paths)
+    show_progress(computed, "extract (shards)", config)
     plan = extract_finish_task.submit(config, plan, computed, parent_run_id).result()
     results["extracted"] = sum(f.result() for f in computed)
     if stop < 2:
@@ -59,6 +62,7 @@ def stages(config: dict, parent_run_id: str | None = None, warm_start: bool = Fa
 
     masks = pseudo_prepare_task.submit(config, clusters.build_key).result()
     written = pseudo_shard_task.map(cfg, unmapped(masks.build_key), masks.blocks, masks.paths)
+    show_progress(written, "pseudo masks (shards)", config)
     results["pseudo_quality"] = pseudo_finish_task.submit(config, masks, written, parent_run_id).result()
     if stop < 4:
         return results
@@ -80,6 +84,16 @@ def stages(config: dict, parent_run_id: str | None = None, warm_start: bool = Fa
 
     results["register"] = register_task.submit(config, trained, evaluation, parent_run_id).result()
     return results
+
+
+def show_progress(futures: list, desc: str, config: dict) -> None:
+    """A progress bar over mapped tasks as they finish (they run on Dask workers, whose own
+    output does not reach this terminal)."""
+    if not futures or not config["runtime"].get("progress", True):
+        return
+    with tqdm(total=len(futures), desc=desc, unit="shard") as bar:
+        for _ in as_completed(futures):
+            bar.update()
 
 
 def on_gpu_worker(config: dict):
