@@ -128,6 +128,9 @@ def run_train(cfg: PipelineConfig, upstream_key: str, extraction: BackboneRef, p
             raise ValueError(f"cannot fine-tune from {start}: its model spec differs from train.* settings")
         model.load_state_dict(init.state_dict())
     train_set, val_set = _datasets(cfg)
+    if len(val_set) == 0:
+        log.warning("train: no validation episodes (dataset too small); the last epoch's weights are kept")
+        val_set = None
     settings = TrainSettings(epochs=t.epochs, batch_size=t.batch_size, base_lr=t.base_lr,
                              checkpoint_dir=ws.models / f"{t.mode}-{key}.checkpoints", sgd_lr_scale=t.sgd_lr_scale,
                              momentum=t.momentum, weight_decay=t.weight_decay, power=t.power,

@@ -9,6 +9,7 @@ import pytest
 
 from fss_core.data.manifest import read_manifest
 from tests.servers import BIN, background, prefect_server
+from tests.tiny_config import TINY
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +28,7 @@ def test_served_pipeline_deployment_runs_to_completion(tmp_path):
                 subprocess.run(["sleep", "1"])
             else:
                 pytest.fail(f"deployment never registered:\n{serve_log.read_text()[-3000:]}")
-            params = {"overrides": [f"runtime.workspace={ws}", "runtime.n_workers=1",
-                                    "data.synthetic.images=10", "data.synthetic.classes=4", "data.synthetic.size=48"]}
+            params = {"overrides": [f"runtime.workspace={ws}", *TINY, "runtime.n_workers=1"], "until": "cluster"}
             run = subprocess.run(
                 [str(BIN / "prefect"), "deployment", "run", "fss-pipeline/manual", "--params", json.dumps(params),
                  "--watch", "--watch-timeout", "400"],
@@ -37,4 +37,5 @@ def test_served_pipeline_deployment_runs_to_completion(tmp_path):
             assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + serve_log.read_text()[-3000:]
             assert "Completed" in run.stdout + run.stderr
     rows = read_manifest(ws / "manifest.jsonl")
-    assert len(rows) == 10
+    assert len(rows) == 40
+    assert (ws / "clusters.zarr").is_dir()

@@ -153,6 +153,12 @@ def _forward(model: nn.Module, batch: EpisodeBatch, dtype: torch.dtype | None, c
 
 
 @torch.no_grad()
+def _worker_context(num_workers: int) -> str | None:
+    """Loader workers are spawned, not forked: training runs inside threaded processes (Dask
+    workers, Prefect), and forking a process that holds threads can crash the child."""
+    return "spawn" if num_workers > 0 else None
+
+
 def validate(
     model: nn.Module,
     dataset: Dataset,
@@ -171,7 +177,8 @@ def validate(
     The model's train/eval mode is restored afterwards.
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_episodes,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
+                        num_workers=num_workers, pin_memory=device.type == "cuda",
+                        multiprocessing_context=_worker_context(num_workers))
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -276,7 +283,8 @@ def train(
         loader = DataLoader(train_dataset, batch_size=settings.batch_size, shuffle=True, drop_last=True,
                             generator=torch.Generator().manual_seed(settings.seed + epoch),
                             collate_fn=collate_episodes, num_workers=settings.num_workers,
-                            pin_memory=device.type == "cuda")
+                            pin_memory=device.type == "cuda",
+                            multiprocessing_context=_worker_context(settings.num_workers))
         model.train()
         loss_sum, sgd_lr = 0.0, 0.0
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{settings.epochs}",
