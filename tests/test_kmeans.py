@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import zarr
 
-from fss_core.clustering import kmeans
 from fss_core.clustering import (
     assign,
     clustering_images,
+    kmeans,
     kmeans_fit,
     nearest_centroid_scores,
     valid_vectors,

@@ -23,7 +23,6 @@ import dask.array as da
 import numpy as np
 import zarr
 from distributed import Client, default_client
-from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
 from storage_schemas.stores import IMAGES_PER_BLOCK
@@ -32,8 +31,9 @@ log = logging.getLogger(__name__)
 
 NUMPY_BLOCK_ROWS = 131_072  # rows per Dask block when kmeans_fit is given an in-memory array
 _STEP_ROWS = 16_384  # rows per BLAS call inside a block: keeps the [rows, K] distances cache-sized
-_INIT_RUNS = 3  # k-means++ restarts on the sample: a single draw can miss a well-separated cluster
-_INIT_MAX_ITER = 25  # Lloyd steps per restart on the sample; the full-data passes finish the job
+_INIT_RUNS = 3  # k-means++ draws on the sample: a single draw can miss a well-separated cluster
+_SEED_ROWS_PER_CLUSTER = 256  # k-means++ draws use this many sampled rows per cluster (as faiss trains)
+_INIT_MAX_ITER = 20  # Lloyd passes on the sample; the full-data passes finish the job
 
 
 @dataclass
@@ -247,13 +247,49 @@ def _dask_blocks(x: da.Array) -> da.Array:
     return x.rechunk({1: -1})
 
 
-def _sample_init(sample: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """k-means++ (best of a few restarts, each refined by Lloyd) on sampled rows [m, C]."""
-    sample = np.asarray(sample, dtype=np.float32)
-    model = KMeans(n_clusters=k, init="k-means++", n_init=_INIT_RUNS, max_iter=_INIT_MAX_ITER,
-                   random_state=seed).fit(sample)
-    log.info("k-means++ init on %d sampled rows: sample inertia %.6g", len(sample), model.inertia_)
-    return model.cluster_centers_.astype(np.float32)
+def _kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """Greedy k-means++ seeds [k, C] from rows x [n, C] and their potential (sum of squared distances).
+
+    Each step draws ``2 + ln k`` candidates with probability proportional to the squared distance
+    to the seeds so far and keeps the one that lowers the potential most.
+    """
+    n = len(x)
+    trials = 2 + int(np.log(k))
+    sq_norms = np.einsum("ij,ij->i", x, x)
+
+    def sq_dist_to(rows: np.ndarray) -> np.ndarray:  # [len(rows), n]
+        return np.maximum(sq_norms[rows, None] + sq_norms[None] - 2.0 * (x @ x[rows].T).T, 0.0)
+
+    chosen = [int(rng.integers(n))]
+    closest = sq_dist_to(np.array(chosen))[0]
+    for _ in range(1, k):
+        cumulative = np.cumsum(closest, dtype=np.float64)
+        candidates = np.minimum(np.searchsorted(cumulative, rng.uniform(size=trials) * cumulative[-1]), n - 1)
+        dist = np.minimum(closest, sq_dist_to(candidates))
+        best = int(np.argmin(dist.sum(axis=1, dtype=np.float64)))
+        chosen.append(int(candidates[best]))
+        closest = dist[best]
+    return x[chosen].copy(), float(closest.sum(dtype=np.float64))
+
+
+def _sample_init(sample: np.ndarray, k: int, rng: np.random.Generator, tol: float) -> np.ndarray:
+    """Init centroids [k, C] from sampled rows [m, C]: the best of a few k-means++ draws, refined by Lloyd.
+
+    A draw that misses a well-separated cluster leaves that cluster's rows far from every seed,
+    so keeping the draw of lowest potential guards against it; Lloyd on the sample then does
+    most of the work of the full-data passes at a fraction of their cost.
+    """
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    # each draw reads its rows k times: draw on a random subset of the sample (the sample is in row order)
+    subset = rng.choice(len(sample), size=min(len(sample), _SEED_ROWS_PER_CLUSTER * k), replace=False)
+    seed_rows = sample[np.sort(subset)]
+    seeds, potential = min((_kmeans_plusplus(seed_rows, k, rng) for _ in range(_INIT_RUNS)), key=lambda d: d[1])
+    blocks = [sample[i:i + _STEP_ROWS] for i in range(0, len(sample), _STEP_ROWS)]
+    with dask.config.set(scheduler="threads"):  # the sample is local: never ship it to a cluster
+        centroids, history, _, _ = _lloyd(blocks, seeds, _INIT_MAX_ITER, tol, None)
+    log.info("k-means++ on %d rows: potential %.6g; %d Lloyd passes on %d sampled rows: inertia %.6g",
+             len(seed_rows), potential, len(history), len(sample), history[-1])
+    return centroids
 
 
 def _reseed_empty(centroids: np.ndarray, new: np.ndarray, empty: np.ndarray, blocks: list,
@@ -305,11 +341,12 @@ def kmeans_fit(x: da.Array | np.ndarray, k: int, seed: int = 0, max_iter: int = 
                client: Client | None = None) -> KMeansResult:
     """L2 k-means of the rows of x [n, C] with Lloyd passes on Dask.
 
-    Init: ``"k-means++"`` runs k-means++ (plus up to 25 Lloyd steps, best of 3) on
-    ``init_sample`` rows drawn with ``seed``; an array [K, C] warm-starts from those centroids
-    (e.g. the previous fit, when new data arrives). Each pass computes, per Dask block and on the workers, the distances to
-    the centroids, the nearest one, the per-cluster sums and counts and the block inertia; only
-    these ``K × C`` results travel to the client. It stops when a pass lowers the inertia by less
+    Init: ``"k-means++"`` draws ``init_sample`` rows with ``seed``, takes the best of 3 greedy
+    k-means++ draws on 256 of them per cluster and refines it with up to 20 Lloyd passes on all; an array
+    [K, C] warm-starts from those centroids (e.g. the previous fit, when new data arrives).
+    Each pass computes, per Dask block and on the workers, the distances to the centroids, the
+    nearest one, the per-cluster sums and counts and the block inertia; only these ``K × C``
+    results travel to the client. It stops when a pass lowers the inertia by less
     than ``tol`` (relative), when the centroids stop moving, or after ``max_iter`` passes. An
     empty cluster is re-seeded on the farthest row of the block with the largest inertia.
     Deterministic for a given seed and data blocking.
@@ -343,13 +380,15 @@ def kmeans_fit(x: da.Array | np.ndarray, k: int, seed: int = 0, max_iter: int = 
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(n, size=init_sample, replace=False)) if init_sample < n else slice(None)
         sample = x[rows] if isinstance(x, np.ndarray) else _compute(client, [x[rows]])[0]
-        centroids = _sample_init(sample, k, seed)
     else:
         centroids = np.array(init, dtype=np.float32)
         if centroids.shape != (k, channels) or not np.isfinite(centroids).all():
             raise ValueError(f"init centroids must be finite [{k}, {channels}], got shape {centroids.shape}")
 
-    with threadpool_limits(limits=1, user_api="blas"):  # the Dask threads/workers are the parallelism
+    # one BLAS thread per task: the Dask threads/workers are the parallelism (no oversubscription)
+    with threadpool_limits(limits=1, user_api="blas"):
+        if isinstance(init, str):
+            centroids = _sample_init(sample, k, rng, tol)
         centroids, history, n_points, converged = _lloyd(blocks, centroids, max_iter, tol, client)
     log.info("k-means K=%d on %d vectors: %d passes, inertia %.6g, converged=%s",
              k, n_points, len(history), history[-1], converged)
