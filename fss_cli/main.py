@@ -17,6 +17,7 @@ import typer
 # Prefect reads these at import time: keep its state out of the user's home by default,
 # and send nothing to the network.
 os.environ.setdefault("PREFECT_HOME", str(Path.home() / ".fss" / "prefect"))
+Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # Prefect does not create it
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The first start of the local (ephemeral) server migrates its database; on a busy machine that

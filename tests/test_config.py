@@ -82,3 +82,12 @@ def test_saved_run_holds_resolved_config_and_commit(tmp_path):
     saved = load_config(folder / "config.yaml")
     assert saved == cfg
     assert (folder / "git_commit.txt").read_text().strip()
+
+
+def test_cli_creates_a_missing_prefect_home(tmp_path):
+    home = tmp_path / "not" / "there"
+    env = {**__import__("os").environ, "PREFECT_HOME": str(home)}
+    proc = subprocess.run([sys.executable, "-m", "fss_cli.main", "config", "show"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert home.is_dir()
