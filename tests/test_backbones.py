@@ -79,6 +79,7 @@ def assert_same_outputs(a: nn.Module, b: nn.Module, size: tuple[int, int]) -> No
     out_a, out_b = outputs(a, x), outputs(b, x)
     assert set(out_a) == set(out_b) == set(FEATURE_KEYS)
     for key in FEATURE_KEYS:
+        assert out_a[key].std() > 1e-3  # a live signal, so equality is not vacuous
         torch.testing.assert_close(out_a[key], out_b[key], rtol=0, atol=0)
 
 
@@ -129,7 +130,8 @@ def test_moco_checkpoint_uses_query_encoder_and_drops_heads(torchvision_file, tm
                 "fc.2.weight": torch.randn(128, 2048), "fc.2.bias": torch.randn(128)}
     moco = {f"module.encoder_q.{k}": v for k, v in {**backbone, **mlp_head}.items()}
     # key-encoder weights differ from the query's, so loading them by mistake would change the outputs
-    moco.update({f"module.encoder_k.{k}": torch.zeros_like(state[k]) for k in ("conv1.weight", "layer4.2.bn3.running_var")})
+    for key in ("conv1.weight", "layer4.2.bn3.running_var"):
+        moco[f"module.encoder_k.{key}"] = torch.zeros_like(state[key])
     moco["module.encoder_k.fc.2.weight"] = torch.zeros(128, 2048)
     moco["module.queue"] = torch.randn(128, 64)
     moco["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
@@ -189,7 +191,8 @@ def test_resnet50_v2_loads_pfenet_checkpoint_with_or_without_step_counters(tmp_p
     assert state["layer1.0.conv1.weight"].shape == (64, 128, 1, 1)  # layer1 takes the 128-channel stem
     plain = dict(state, **{"fc.weight": torch.randn(1000, 2048), "fc.bias": torch.randn(1000)})
     # files saved from nn.BatchNorm2d carry step counters; they hold no weights
-    counters = {k.replace("running_mean", "num_batches_tracked"): torch.tensor(0) for k in state if k.endswith("running_mean")}
+    counters = {k.replace("running_mean", "num_batches_tracked"): torch.tensor(0)
+                for k in state if k.endswith("running_mean")}
     for name, content in (("plain", plain), ("counters", plain | counters)):
         path = tmp_path / f"resnet50_v2_{name}.pth"
         torch.save(content, path)

@@ -5,7 +5,7 @@ correspondence (in the spirit of DenseCL / PixPro's pixel contrast). Each image 
 twice at random (scale, aspect ratio, flip) and colour-jittered independently. A feature
 cell of view 1 has a known position in the source image and hence in view 2; the
 projected feature there is its positive, and the cells of the *other* images in the batch
-are its negatives (InfoNCE, temperature 0.2, both directions). Colour jitter makes the
+are its negatives (InfoNCE, temperature 0.1, both directions). Colour jitter makes the
 features invariant to colour shifts; crops at different scales make them agree across
 scale and context, so cells of the same surface in both views match while cells of other
 images are pushed apart. Negatives never come from the same image, so cells of one object
@@ -33,12 +33,14 @@ from fss_core.models.backbones import SmallCNN, imagenet_normalize
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "small_cnn.pth"
-TEMPERATURE = 0.2
+TEMPERATURE = 0.1
 PROJECTION_DIM = 128
 LEARNING_RATE = 2e-3
 WEIGHT_DECAY = 1e-4
 CROP_SCALE = (0.25, 1.0)  # share of the image area a view covers
 CROP_RATIO = (3 / 4, 4 / 3)
+JITTER = 0.4  # brightness, contrast and saturation factors in [1 - JITTER, 1 + JITTER]
+HUE_SHIFT = 0.03  # hue rotation in [-HUE_SHIFT, HUE_SHIFT] of a full turn
 MAX_QUERIES = 1024
 SOURCE_SCALE = 1.5  # images are kept in memory with their longer side at 1.5 x image_size
 
@@ -57,7 +59,7 @@ class PretrainReport:
 class ViewGeometry:
     """Where a view came from: its crop box in source pixels (x0, y0, x1, y1) and whether it was mirrored."""
 
-    box: tuple[float, float, float, float]
+    box: tuple[int, int, int, int]
     flipped: bool
 
 
@@ -101,12 +103,12 @@ def colour_jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random brightness, contrast, saturation, hue (p=0.8) and grayscale (p=0.2) on ``[3, H, W]`` in 0..1."""
     weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
     if torch.rand((), generator=gen) < 0.8:
-        x = x * _uniform(gen, 0.6, 1.4)
+        x = x * _uniform(gen, 1 - JITTER, 1 + JITTER)
         mean = (x * weights).sum(0).mean()
-        x = (x - mean) * _uniform(gen, 0.6, 1.4) + mean
+        x = (x - mean) * _uniform(gen, 1 - JITTER, 1 + JITTER) + mean
         gray = (x * weights).sum(0, keepdim=True)
-        x = gray + (x - gray) * _uniform(gen, 0.6, 1.4)
-        x = _rotate_hue(x, _uniform(gen, -0.1, 0.1) * 2 * math.pi)
+        x = gray + (x - gray) * _uniform(gen, 1 - JITTER, 1 + JITTER)
+        x = _rotate_hue(x, _uniform(gen, -HUE_SHIFT, HUE_SHIFT) * 2 * math.pi)
     if torch.rand((), generator=gen) < 0.2:
         x = (x * weights).sum(0, keepdim=True).expand(3, -1, -1)
     return x.clamp(0, 1)
@@ -208,7 +210,8 @@ def pretrain_small_cnn(
 ) -> tuple[SmallCNN, PretrainReport]:
     """Pretrain a ``SmallCNN`` with the dense contrastive objective on ``image_paths`` (no labels).
 
-    Views are ``image_size`` squares (a multiple of 8). Deterministic per ``seed`` on the CPU.
+    Views are ``image_size`` squares (a multiple of 8). Deterministic per ``seed`` on the CPU
+    for a given number of torch threads.
     With ``checkpoint_dir``, the backbone's state dict is written to
     ``checkpoint_dir/small_cnn.pth`` (loadable by ``build_backbone("small_cnn", checkpoint=...)``).
     Returns the trained backbone (on ``device``, in eval mode) and a ``PretrainReport``.

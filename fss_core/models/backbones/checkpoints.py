@@ -103,9 +103,8 @@ def load_strict(
     ]
     if missing or unexpected or mis_shaped:
         lines = [f"checkpoint {path} does not match {type(module).__name__}:"]
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped)):
-            if keys:
-                lines.append(_listing(title, keys))
+        kinds = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped))
+        lines += [_listing(title, keys) for title, keys in kinds if keys]
         raise CheckpointMismatchError("\n".join(lines))
     full = {k: state.get(k, v) for k, v in own.items()}
     module.load_state_dict(full, strict=True)

@@ -113,7 +113,7 @@ class ResNet50(Backbone):
                 inplanes = planes * Bottleneck.expansion
             setattr(self, f"layer{index}", nn.Sequential(*layer))
         self.channels = {"layer2": 512, "layer3": 1024, "layer4": 2048}
-        self.strides = {"layer2": 8, "layer3": 8, "layer4": 8} if deep_stem else {"layer2": 8, "layer3": 16, "layer4": 32}
+        self.strides = {"layer2": 8, "layer3": 8 if deep_stem else 16, "layer4": 8 if deep_stem else 32}
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -153,7 +153,8 @@ def load_moco(model: ResNet50, path: str | os.PathLike) -> None:
     """
     content = read_checkpoint(path)
     if "state_dict" not in content:
-        raise CheckpointMismatchError(f"{path}: a MoCo checkpoint holds 'state_dict'; found keys {sorted(content)[:20]}")
+        found = sorted(content)[:20]
+        raise CheckpointMismatchError(f"{path}: a MoCo checkpoint holds 'state_dict'; found keys {found}")
     query = take_prefix(content["state_dict"], _MOCO_PREFIX)
     if not query:
         raise CheckpointMismatchError(f"{path}: no '{_MOCO_PREFIX}*' keys in 'state_dict'")
@@ -161,5 +162,5 @@ def load_moco(model: ResNet50, path: str | os.PathLike) -> None:
 
 
 def load_pfenet(model: ResNet50, path: str | os.PathLike) -> None:
-    """Load PFENet's ``resnet50_v2.pth`` (plain state dict); ``fc.weight``/``fc.bias`` must be present and are unused."""
+    """Load PFENet's ``resnet50_v2.pth`` (plain state dict); ``fc.weight``/``fc.bias`` must be present, unused."""
     load_strict(model, read_checkpoint(path), path, required_unused=_CLASSIFIER_KEYS)

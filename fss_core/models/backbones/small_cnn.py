@@ -2,10 +2,12 @@
 
 It is pretrained self-supervised on the unlabeled images themselves
 (``fss_core.embeddings.ssl_pretrain``). Nine conv-BN-ReLU layers, 0.71 M parameters:
-three strided 3x3 convs bring it to stride 8, after which layer3 and layer4 grow the
-receptive field (to 167 px) with dilation 2 and 4 instead of striding, so a small image
-still gives a useful grid (a 96x96 input → 12x12 cells at every level). A final 1x1 conv
-widens layer4 to 256 channels cheaply.
+three strided 3x3 convs bring it to stride 8; after that nothing strides (layer4's 3x3 conv
+is dilated by 2 instead), so a small image still gives a useful grid (a 96x96 input → 12x12
+cells at every level). The receptive field is 103 px: wide enough for object shape, yet
+local enough that a cell does not see a whole small image, which in pretraining made cells
+encode their image rather than their surface. A final 1x1 conv widens layer4 to 256 channels
+cheaply.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1, kernel: int =
 
 
 class SmallCNN(Backbone):
-    """``forward(x [B, 3, H, W]) -> {"layer2": [B, 64, ⌈H/8⌉, ⌈W/8⌉], "layer3": [B, 128, ...], "layer4": [B, 256, ...]}``."""
+    """A stride-8 CNN: ``x [B, 3, H, W]`` → ``layer2 [B, 64, h, w]``, ``layer3 [B, 128, h, w]``,
+    ``layer4 [B, 256, h, w]`` with ``h, w = ⌈H/8⌉, ⌈W/8⌉``."""
 
     embedding_layer = "layer4"
 
@@ -37,8 +40,8 @@ class SmallCNN(Backbone):
         self.stem = _conv(3, 32, stride=2)
         self.layer1 = nn.Sequential(_conv(32, 64, stride=2), _conv(64, 64))
         self.layer2 = nn.Sequential(_conv(64, 64, stride=2), _conv(64, 64))
-        self.layer3 = nn.Sequential(_conv(64, 128, dilation=2), _conv(128, 128, dilation=2))
-        self.layer4 = nn.Sequential(_conv(128, 256, dilation=4), _conv(256, 256, kernel=1))
+        self.layer3 = nn.Sequential(_conv(64, 128), _conv(128, 128))
+        self.layer4 = nn.Sequential(_conv(128, 256, dilation=2), _conv(256, 256, kernel=1))
         self.channels = {"layer2": 64, "layer3": 128, "layer4": 256}
         self.strides = {"layer2": 8, "layer3": 8, "layer4": 8}
         for module in self.modules():
