@@ -23,13 +23,7 @@ from fss_core.models.backbones import (
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny inputs run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def torchvision_resnet50_keys() -> list[str]:

@@ -28,13 +28,7 @@ LONG_SIDE = 64
 KEY = "0123456789abcdef"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny inputs run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class CountingBackbone(Backbone):

@@ -12,13 +12,7 @@ from fss_core.embeddings.ssl_pretrain import corresponding_cells, pretrain_small
 from fss_core.models.backbones import build_backbone
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny batches run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
