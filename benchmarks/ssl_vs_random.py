@@ -172,7 +172,7 @@ def main() -> None:
 
     settings = (f"{len(images)} train images, views {args.image_size} px, {args.epochs} epochs, "
                 f"batch {args.batch_size}, "
-                f"seed {args.seed}: {report.seconds:.0f} s pretraining on {torch.get_num_threads()} CPU threads; "
+                f"seed {args.seed}: {report.seconds:.0f} s pretraining (torch threads: {torch.get_num_threads()}); "
                 f"SSL loss {report.losses[0]:.3f} → {report.losses[-1]:.3f}. "
                 f"K = {args.clusters} clusters, {classes} classes (bg + objects), embeddings at {args.long_side} px.")
     text = f"{table(rows)}\n\n{settings}"

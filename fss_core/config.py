@@ -52,7 +52,7 @@ class DataConfig(_Section):
 class SSLConfig(_Section):
     """Self-supervised pretraining of the download-free backbone (used when no checkpoint)."""
 
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=2)
     image_size: int = Field(96, ge=32)
     seed: int = 0
