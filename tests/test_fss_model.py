@@ -17,13 +17,7 @@ from fss_core.models.fss.position import sine_position_encoding
 TINY = FSSModelConfig(hidden=32, heads=4, layers=2, ffn=96, points=3, fg_prototypes=4, bg_prototypes=6)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tensors here are tiny: intra-op threads only add overhead on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class TinyBackbone(nn.Module):

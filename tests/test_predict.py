@@ -17,13 +17,7 @@ RED = (220, 40, 40)
 IMAGE_SIZE = 48
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tensors here are tiny: intra-op threads only add overhead on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def scene(h: int, w: int, box: tuple[int, int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

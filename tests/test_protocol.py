@@ -33,13 +33,7 @@ SIZES = ((40, 56), (56, 40), (48, 48), (36, 60))
 FOLD = FoldSplit("generic", 0, NOVEL, (3, 4))
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tensors here are tiny: intra-op threads only add overhead on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _draw(rgb: np.ndarray, label: np.ndarray, class_id: int, top: int, left: int, h: int, w: int) -> None:

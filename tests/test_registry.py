@@ -45,13 +45,7 @@ print(json.dumps({"fss_core": fss_core.__file__, "rows": out.to_dict("records")}
 """
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tensors here are tiny: intra-op threads only add overhead on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_bundle(folder: Path, seed: int) -> Path:
