@@ -225,18 +225,27 @@ def evaluate(
     bundle: Annotated[Optional[Path], typer.Option(help="A trained model bundle; none = the pipeline's model")] = None,
     baseline: Annotated[bool, typer.Option(help="Evaluate the training-free prototype baseline instead")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Output folder for metrics.json and episodes")] = None,
-    save_predictions: Annotated[bool, typer.Option(help="Also one PNG per episode")] = False,
+    save_predictions: Annotated[Optional[Path], typer.Option(
+        "--save-predictions", metavar="DIR",
+        help="Also write every episode's prediction as a PNG (0 = bg, 1 = fg, at the original label "
+             "size): DIR/fold{f}/{s}shot/seed{n}/{episode:05d}.png, the episode index being the one in "
+             "OUT/fold{f}/{s}shot/seed{n}/episodes.jsonl. Needs --bundle or --baseline.")] = None,
     overlays: Annotated[int, typer.Option(help="Overlay pictures for the first N episodes")] = 0,
     dask_address: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler")] = None,
 ) -> None:
     """The few-shot protocol: every evaluate.folds × evaluate.shots, mean ± std over evaluate.seeds.
 
-    Without --bundle/--baseline it runs the pipeline up to evaluation (model vs baseline).
-    With them it evaluates that model on the configured dataset's val split directly.
+    Without --bundle/--baseline it runs the pipeline up to evaluation (its comparison table).
+    With them it evaluates that model on the configured dataset's val split directly: OUT
+    (default ./evaluation) receives fold{f}/{s}shot/metrics.json and, per seed,
+    fold{f}/{s}shot/seed{n}/{episodes.jsonl, metrics.json}.
     """
     _setup_logging()
     cfg = _config(config, set_, workspace)
     if bundle is None and not baseline:
+        if save_predictions is not None or overlays:
+            _fail("--save-predictions and --overlays need --bundle or --baseline; the pipeline's evaluation "
+                  "writes overlays as set by evaluate.overlays")
         results = _run_pipeline(cfg, dask_address, until="evaluate")
         typer.echo(results["evaluate"].table)
         return

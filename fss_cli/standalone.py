@@ -18,9 +18,20 @@ from tasks.pseudo import dataset_num_classes
 from tasks.workspace import source_root
 
 
-def evaluate_standalone(cfg: PipelineConfig, bundle: Path | None, out: Path, save_predictions: bool,
+def predictions_folder(root: Path, fold: int, shots: int) -> Path:
+    """Where ``--save-predictions DIR`` puts one fold and shot count's predictions; the protocol
+    adds ``seed{n}/{episode:05d}.png`` below it."""
+    return root / f"fold{fold}" / f"{shots}shot"
+
+
+def evaluate_standalone(cfg: PipelineConfig, bundle: Path | None, out: Path, predictions: Path | None,
                         overlays: int) -> str:
-    """Evaluate a model bundle (or the baseline) on every configured fold and shot count."""
+    """Evaluate a model bundle (or the baseline) on every configured fold and shot count.
+
+    ``out/fold{f}/{s}shot/`` receives the protocol's ``metrics.json`` and ``seed{n}/episodes.jsonl``;
+    with ``predictions``, episode i of seed n is written to
+    ``predictions/fold{f}/{s}shot/seed{n}/{i:05d}.png`` (0 = bg, 1 = fg, original label size).
+    """
     device = device_for(cfg)
     if bundle is not None:
         model, spec = load_bundle(bundle)
@@ -41,7 +52,8 @@ def evaluate_standalone(cfg: PipelineConfig, bundle: Path | None, out: Path, sav
         split = fold_split(cfg.data.fold_scheme, fold, dataset_num_classes(cfg))
         for shots in e.shots:
             m = run_protocol(predictor, records, split, shots, n_episodes, e.seeds, size, min_area,
-                             out / f"fold{fold}" / f"{shots}shot", save_predictions=save_predictions,
+                             out / f"fold{fold}" / f"{shots}shot",
+                             predictions_dir=predictions_folder(predictions, fold, shots) if predictions else None,
                              n_overlays=overlays, progress=cfg.runtime.progress)
             rows.append(EvalRow(method, fold, shots, m["miou"], m["miou_std"], m["fbiou"], m["fbiou_std"]))
     table = comparison_table(rows)

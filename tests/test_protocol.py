@@ -114,14 +114,14 @@ class TinyCNN(nn.Module):
         return {"layer2": layer2, "layer3": layer3, "layer4": self.layer4(layer3)}
 
 
-def _recompute(seed_dir: Path, records: dict[str, ImageRecord]) -> dict:
+def _recompute(seed_dir: Path, predictions: Path, records: dict[str, ImageRecord], novel=NOVEL) -> dict:
     """mIoU and FB-IoU from episodes.jsonl, the saved prediction PNGs and the labels, by definition."""
-    fg_i, fg_u = {c: 0 for c in NOVEL}, {c: 0 for c in NOVEL}
+    fg_i, fg_u = {c: 0 for c in novel}, {c: 0 for c in novel}
     inter, union = np.zeros(2), np.zeros(2)
     for line in (seed_dir / "episodes.jsonl").read_text().splitlines():
         row = json.loads(line)
         label = _label(records[row["query_id"]])
-        pred = np.asarray(Image.open(seed_dir / "predictions" / f"{row['episode']:05d}.png"))
+        pred = np.asarray(Image.open(predictions / f"{row['episode']:05d}.png"))
         assert pred.shape == label.shape
         valid = label != 255
         for k, (p, t) in enumerate([(pred == 0, label != row["class_id"]), (pred == 1, label == row["class_id"])]):
@@ -129,7 +129,7 @@ def _recompute(seed_dir: Path, records: dict[str, ImageRecord]) -> dict:
             union[k] += ((p | t) & valid).sum()
         fg_i[row["class_id"]] += ((pred == 1) & (label == row["class_id"]) & valid).sum()
         fg_u[row["class_id"]] += (((pred == 1) | (label == row["class_id"])) & valid).sum()
-    return {"miou": np.mean([fg_i[c] / fg_u[c] for c in NOVEL]), "fbiou": np.mean(inter / union)}
+    return {"miou": np.mean([fg_i[c] / fg_u[c] for c in novel]), "fbiou": np.mean(inter / union)}
 
 
 def test_exactly_n_valid_episodes(dataset):
@@ -208,11 +208,14 @@ def test_a_pixel_exact_predictor_scores_near_perfect_after_the_round_trip(datase
 def test_metrics_json_is_reproduced_from_episodes_and_saved_predictions(dataset, tmp_path):
     by_id = {r.image_id: r for r in dataset}
     summary = run_protocol(ColourPredictor(noise=0.8), dataset, FOLD, shots=2, n_episodes=10, seeds=[0, 1, 2],
-                           image_size=IMAGE_SIZE, min_area=MIN_AREA, out_dir=tmp_path, save_predictions=True,
-                           n_overlays=2)
-    written = json.loads((tmp_path / "metrics.json").read_text())
+                           image_size=IMAGE_SIZE, min_area=MIN_AREA, out_dir=tmp_path / "out",
+                           predictions_dir=tmp_path / "predictions", n_overlays=2)
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert written == summary
-    recomputed = [_recompute(tmp_path / f"seed{s}", by_id) for s in (0, 1, 2)]
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["seed0", "seed1", "seed2"]
+    assert len(list((tmp_path / "predictions" / "seed1").glob("*.png"))) == 10
+    recomputed = [_recompute(tmp_path / "out" / f"seed{s}", tmp_path / "predictions" / f"seed{s}", by_id)
+                  for s in (0, 1, 2)]
     for per_seed, expected in zip(written["seeds"], recomputed):
         assert per_seed["miou"] == pytest.approx(expected["miou"])
         assert per_seed["fbiou"] == pytest.approx(expected["fbiou"])
@@ -226,7 +229,7 @@ def test_metrics_json_is_reproduced_from_episodes_and_saved_predictions(dataset,
         assert written["per_class"][str(c)] == pytest.approx(np.mean([r["per_class"][str(c)] for r in written["seeds"]]))
     assert (written["shots"], written["fold"], written["episodes"]) == (2, 0, 10)
     assert 0.0 < written["miou"] < 1.0
-    overlays = sorted((tmp_path / "seed0" / "overlays").iterdir())
+    overlays = sorted((tmp_path / "out" / "seed0" / "overlays").iterdir())
     assert len(overlays) == 2 and Image.open(overlays[0]).width > Image.open(overlays[0]).height
 
 
@@ -252,3 +255,49 @@ def test_prototype_baseline_finds_the_shared_object(dataset):
     everything = evaluate_episodes(ValidRegionPredictor(), specs, by_id, IMAGE_SIZE, NOVEL, seed=0)
     assert baseline["miou"] > 0.35
     assert baseline["miou"] > everything["miou"] + 0.15  # better than marking the whole image
+
+
+def test_cli_save_predictions_dir_reproduces_every_metrics_json(tmp_path):
+    """`fss evaluate --baseline --save-predictions DIR` over 2 folds x 2 shot counts x 2 seeds: one PNG per
+    episode under DIR/fold{f}/{s}shot/seed{n}/, which with episodes.jsonl gives back metrics.json."""
+    from typer.testing import CliRunner
+
+    from fss_cli.main import app
+    from fss_core.data.folds import fold_split
+    from fss_core.data.layouts import read_dataset
+    from fss_core.data.synthetic import synthesize
+
+    root = tmp_path / "data"
+    synthesize(root, seed=0, classes=4, images=40, size=64)
+    out, predictions = tmp_path / "out", tmp_path / "predictions"
+    sets = [f"data.source={root}", "data.layout=voc", "data.num_classes=4", "train.image_size=65",
+            "evaluate.folds=[0, 1]", "evaluate.shots=[1, 2]", "evaluate.seeds=[0, 1]", "evaluate.episodes=4",
+            "runtime.progress=false"]
+    args = ["evaluate", "--baseline", "--out", str(out), "--save-predictions", str(predictions)]
+    result = CliRunner().invoke(app, [*args, *[x for s in sets for x in ("--set", s)]])
+    assert result.exit_code == 0, result.output
+    by_id = {r.image_id: r for r in read_dataset(root, "voc", split="val")}
+    for fold in (0, 1):
+        novel = fold_split("generic", fold, 4).novel
+        for shots in (1, 2):
+            run_dir, pred_dir = out / f"fold{fold}" / f"{shots}shot", predictions / f"fold{fold}" / f"{shots}shot"
+            written = json.loads((run_dir / "metrics.json").read_text())
+            assert sorted(p.name for p in pred_dir.iterdir()) == ["seed0", "seed1"]
+            for per_seed in written["seeds"]:
+                seed = per_seed["seed"]
+                assert sorted(p.name for p in (pred_dir / f"seed{seed}").iterdir()) == [f"{i:05d}.png" for i in range(4)]
+                expected = _recompute(run_dir / f"seed{seed}", pred_dir / f"seed{seed}", by_id, novel)
+                assert per_seed["miou"] == pytest.approx(expected["miou"])
+                assert per_seed["fbiou"] == pytest.approx(expected["fbiou"])
+            assert written["miou"] == pytest.approx(np.mean([r["miou"] for r in written["seeds"]]))
+
+
+def test_cli_save_predictions_needs_a_bundle_or_the_baseline(tmp_path):
+    from typer.testing import CliRunner
+
+    from fss_cli.main import app
+
+    result = CliRunner().invoke(app, ["evaluate", "--save-predictions", str(tmp_path / "p"),
+                                      "--set", f"runtime.workspace={tmp_path / 'ws'}"])
+    assert result.exit_code == 2
+    assert "--save-predictions" in result.output

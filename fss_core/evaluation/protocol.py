@@ -332,14 +332,16 @@ def run_protocol(
     image_size: int,
     min_area: int,
     out_dir: str | os.PathLike,
-    save_predictions: bool = False,
+    predictions_dir: str | os.PathLike | None = None,
     n_overlays: int = 0,
     progress: bool = False,
 ) -> dict:
     """The protocol over several seeds for one fold and shot count.
 
     For each seed ``s``, ``out_dir/seed{s}/`` receives ``episodes.jsonl`` (written before any
-    prediction), ``metrics.json``, and, if asked, ``predictions/`` and ``overlays/``.
+    prediction), ``metrics.json`` and, if asked, ``overlays/``. With ``predictions_dir``, episode
+    i's prediction is written to ``predictions_dir/seed{s}/{i:05d}.png`` (0 = bg, 1 = fg, at the
+    original label size).
     ``out_dir/metrics.json`` gets the aggregate, also returned: ``miou``/``fbiou`` (mean over
     seeds), ``miou_std``/``fbiou_std`` (population std, ddof = 0), ``per_class`` (mean over seeds),
     ``seeds`` (the per-seed results), ``shots``, ``fold``, ``dataset``, ``novel_classes``,
@@ -357,7 +359,7 @@ def run_protocol(
         write_episodes(seed_dir / EPISODES_FILE, specs)
         result = evaluate_episodes(
             predictor, specs, records_by_id, image_size, novel, seed,
-            save_predictions_dir=seed_dir / "predictions" if save_predictions else None,
+            save_predictions_dir=Path(predictions_dir) / f"seed{seed}" if predictions_dir is not None else None,
             overlays_dir=seed_dir / "overlays" if n_overlays else None,
             n_overlays=n_overlays,
             progress=progress,
