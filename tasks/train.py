@@ -25,7 +25,7 @@ from tasks.extract import BackboneRef, device_for
 from tasks.ingest import labelled_rows, training_rows
 from tasks.keys import build_key
 from tasks.pseudo import dataset_num_classes
-from tasks.tracking import stage_run
+from tasks.tracking import flatten, stage_run
 from tasks.workspace import source_root, workspace_of
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ def model_spec(cfg: PipelineConfig, backbone: str) -> ModelSpec:
     t = cfg.train
     return ModelSpec(backbone, t.image_size, FSSModelConfig(
         hidden=t.hidden, heads=t.heads, layers=t.layers, ffn=t.ffn, fg_prototypes=t.fg_prototypes,
-        bg_prototypes=t.bg_prototypes, support_self_attention=t.support_self_attention))
+        bg_prototypes=t.bg_prototypes, support_self_attention=t.support_self_attention,
+        adapter_layers=tuple(t.adapter_layers), adapter_dropout=t.adapter_dropout))
 
 
 def fss_backbone(cfg: PipelineConfig, extraction: BackboneRef) -> tuple[str, str | None]:
@@ -110,7 +111,8 @@ def initial_bundle(cfg: PipelineConfig, init_bundle: str | None) -> Path | None:
 
 
 def run_train(cfg: PipelineConfig, upstream_key: str, extraction: BackboneRef, parent_run_id: str | None = None,
-              init_bundle: str | None = None) -> TrainOutcome:
+              init_bundle: str | None = None, stage: str = "train") -> TrainOutcome:
+    """Train (or reuse) the model of ``cfg.train``; ``stage`` names its MLflow run."""
     ws = workspace_of(cfg)
     t = cfg.train
     start = initial_bundle(cfg, init_bundle)
@@ -136,8 +138,10 @@ def run_train(cfg: PipelineConfig, upstream_key: str, extraction: BackboneRef, p
                              momentum=t.momentum, weight_decay=t.weight_decay, power=t.power,
                              transformer_lr=t.transformer_lr, transformer_weight_decay=t.transformer_weight_decay,
                              seed=t.seed, device=device_for(cfg), amp=t.amp, num_workers=t.num_workers)
-    with stage_run(cfg, "train", parent_run_id, key):
+    with stage_run(cfg, stage, parent_run_id, key):
         mlflow.set_tags({"train.mode": t.mode, "train.backbone": name})
+        if stage != "train":  # stage_run logs the train section only for the stage named train
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten("train", t.model_dump(mode="json")).items()})
         callbacks = TrainCallbacks(
             on_epoch_end=lambda epoch, metrics: mlflow.log_metrics(
                 {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=epoch),

@@ -19,6 +19,18 @@ def test_defaults_follow_the_reference():
     assert cfg.pseudo.min_area == 2048
 
 
+def test_train_section_reaches_the_model_spec():
+    from tasks.train import model_spec
+
+    cfg = load_config(None, ["train.adapter_layers=[layer3,layer4]", "train.adapter_dropout=0.2", "train.hidden=64"])
+    spec = model_spec(cfg, "small_cnn")
+    assert spec.config.adapter_layers == ("layer3", "layer4")
+    assert spec.config.adapter_dropout == 0.2 and spec.config.hidden == 64
+    assert model_spec(load_config(), "small_cnn").config.adapter_layers == ("layer2", "layer3")  # reference
+    with pytest.raises(ConfigError, match="adapter_layers"):
+        load_config(None, ["train.adapter_layers=[layer5]"])
+
+
 def test_yaml_then_overrides_take_precedence(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"train": {"epochs": 7, "shots": 5}, "cluster": {"num_clusters": 12}}))

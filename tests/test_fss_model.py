@@ -374,6 +374,12 @@ def test_linear_layers_are_xavier_with_zero_bias():
 def test_bad_inputs_are_rejected_with_the_field_name():
     with pytest.raises(ValueError, match="hidden"):
         FSSModelConfig(hidden=30, heads=4)
+    with pytest.raises(ValueError, match="adapter_layers"):
+        FSSModelConfig(adapter_layers=("layer5",))
+    with pytest.raises(ValueError, match="adapter_layers"):
+        FSSModelConfig(adapter_layers=())
+    with pytest.raises(ValueError, match="adapter_dropout"):
+        FSSModelConfig(adapter_dropout=1.0)
     model = make_model()
     query, support, masks, _ = toy_episode(2)
     with pytest.raises(ValueError, match="support_masks"):

@@ -15,9 +15,9 @@ from fss_core.models.fss.proto_transformer import ProtoTransformer
 logger = logging.getLogger(__name__)
 
 FEATURE_LAYERS = ("layer2", "layer3", "layer4")
+PRIOR_LAYER = "layer4"
 GAP_EPS = 5e-4
 COSINE_EPS = 1e-7
-ADAPTER_DROPOUT = 0.5
 HEAD_DROPOUT = 0.1
 
 
@@ -36,8 +36,19 @@ class FSSModelConfig:
     hash_bits: int = 32
     kmeans_iterations: int = 10
     support_self_attention: bool = False
+    adapter_layers: tuple[str, ...] = ("layer2", "layer3")
+    adapter_dropout: float = 0.5
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "adapter_layers", tuple(self.adapter_layers))
+        unknown = [name for name in self.adapter_layers if name not in FEATURE_LAYERS]
+        if not self.adapter_layers or unknown or len(set(self.adapter_layers)) != len(self.adapter_layers):
+            raise ValueError(
+                f"FSSModelConfig.adapter_layers must be distinct names among {FEATURE_LAYERS}, "
+                f"got {list(self.adapter_layers)}"
+            )
+        if not 0.0 <= self.adapter_dropout < 1.0:
+            raise ValueError(f"FSSModelConfig.adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
         for name in ("hidden", "heads", "layers", "ffn", "points", "fg_prototypes", "bg_prototypes", "hash_bits"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FSSModelConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -93,11 +104,11 @@ def prior_mask(query: torch.Tensor, support: torch.Tensor, support_mask: torch.T
     return torch.stack(priors).mean(0).view(batch, 1, h, w)
 
 
-def _adapter(in_channels: int, hidden: int) -> nn.Sequential:
+def _adapter(in_channels: int, hidden: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, hidden, kernel_size=1, bias=False),
         nn.ReLU(inplace=True),
-        nn.Dropout2d(ADAPTER_DROPOUT),
+        nn.Dropout2d(dropout),
     )
 
 
@@ -133,9 +144,9 @@ class FSSNetwork(nn.Module):
                 f"FSSNetwork: backbone layers {FEATURE_LAYERS} must share one stride, got {backbone.strides}"
             )
         hidden = self.config.hidden
-        mid_channels = backbone.channels["layer2"] + backbone.channels["layer3"]
-        self.query_adapter = _adapter(mid_channels, hidden)
-        self.support_adapter = _adapter(mid_channels, hidden)
+        mid_channels = sum(backbone.channels[name] for name in self.config.adapter_layers)
+        self.query_adapter = _adapter(mid_channels, hidden, self.config.adapter_dropout)
+        self.support_adapter = _adapter(mid_channels, hidden, self.config.adapter_dropout)
         self.query_merge = _merge(2 * hidden + 1, hidden)
         self.support_merge = _merge(2 * hidden, hidden)
         self.transformer = ProtoTransformer(
@@ -235,16 +246,17 @@ class FSSNetwork(nn.Module):
                 raise ValueError(f"FSSNetwork: backbone {name} has spatial size {got}, expected {size} like layer2")
         hidden = self.config.hidden
 
-        query = self.query_adapter(torch.cat([query_feats["layer2"], query_feats["layer3"]], dim=1))
-        support = self.support_adapter(torch.cat([support_feats["layer2"], support_feats["layer3"]], dim=1))
+        adapter_layers = self.config.adapter_layers
+        query = self.query_adapter(torch.cat([query_feats[name] for name in adapter_layers], dim=1))
+        support = self.support_adapter(torch.cat([support_feats[name] for name in adapter_layers], dim=1))
 
         foreground = (support_masks == 1).flatten(0, 1)  # [B*S, H, W]
         soft_mask = F.interpolate(foreground[:, None].to(query.dtype), size=size, mode="bilinear", align_corners=True)
         shot_prototypes = weighted_gap(support, soft_mask)  # [B*S, hidden, 1, 1]
         mean_prototype = shot_prototypes.view(batch, shots, hidden, 1, 1).mean(1)
         prior = prior_mask(
-            query_feats["layer4"],
-            support_feats["layer4"].view(batch, shots, -1, *size),
+            query_feats[PRIOR_LAYER],
+            support_feats[PRIOR_LAYER].view(batch, shots, -1, *size),
             soft_mask.view(batch, shots, 1, *size),
         )
         query = self.query_merge(
