@@ -9,9 +9,14 @@ from storage_schemas.base import (
     JsonMeta,
     StoreAttrs,
     StoreSchema,
+    StoreKeyError,
     StoreValidationError,
+    StoreVersionError,
     create_store,
     open_store,
+    remove_stale_builds,
+    replace_folder,
+    store_build,
     read_attrs,
     read_json_meta,
     write_attrs,
@@ -33,6 +38,7 @@ from storage_schemas.stores import (
 
 __all__ = [
     "ArraySpec", "JsonMeta", "StoreAttrs", "StoreSchema", "StoreValidationError",
+    "StoreKeyError", "StoreVersionError", "store_build", "replace_folder", "remove_stale_builds",
     "create_store", "open_store", "read_attrs", "read_json_meta", "write_attrs", "write_json_meta", "write_unit",
     "MANIFEST_SCHEMA_VERSION", "ManifestError", "ManifestHeader", "ManifestRow",
     "CLUSTERS", "EMBEDDINGS", "TASKS", "ClustersAttrs", "EmbeddingsAttrs", "FelzenszwalbParams",

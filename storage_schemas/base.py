@@ -15,8 +15,12 @@ run leaves whole blocks only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import uuid
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping
@@ -33,6 +37,18 @@ HEX_PATTERN = r"^[0-9a-f]+$"
 
 class StoreValidationError(ValueError):
     """A durable artifact does not match what the code expects; the message says where and how."""
+
+
+class StoreVersionError(StoreValidationError):
+    """A whole artifact written with another ``schema_version``: refused, never read or rebuilt over.
+
+    Other validation errors mean a missing or half-written artifact, which its stage rebuilds;
+    this one means the workspace belongs to other code, so only a person decides to delete it.
+    """
+
+
+class StoreKeyError(StoreValidationError):
+    """A store was built from another config or other inputs than the reader expects."""
 
 
 class StoreAttrs(BaseModel):
@@ -200,13 +216,15 @@ def create_store(path: str | os.PathLike, schema: StoreSchema, sizes: Mapping[st
 
 
 def open_store(path: str | os.PathLike, schema: StoreSchema,
-               mode: Literal["r", "r+"] = "r") -> zarr.Group:
+               mode: Literal["r", "r+"] = "r", *, build_key: str | None = None) -> zarr.Group:
     """Open the store at ``path`` and check it against ``schema``.
 
     Checks that the group exists (zarr v3), its ``schema_version`` equals the schema's, its
     attributes parse, every array exists with the expected dtype, dims and consistent
-    sizes. Raises :class:`StoreValidationError` on the first mismatch. ``mode="r+"`` lets
-    a resumed run write into it.
+    sizes, and, when ``build_key`` is given, that the store was built with that key. Raises
+    :class:`StoreValidationError` on the first mismatch (:class:`StoreVersionError` for
+    another schema version, :class:`StoreKeyError` for another build key). ``mode="r+"``
+    lets a resumed run write into it.
     """
     where = _display(path)
     try:
@@ -220,6 +238,10 @@ def open_store(path: str | os.PathLike, schema: StoreSchema,
         raise StoreValidationError(f"{schema.name} store at {where}: is zarr format "
                                    f"{group.metadata.zarr_format}, expected 3")
     attrs = _parse_attrs(dict(group.attrs), schema, where)
+    if build_key is not None and attrs.build_key != build_key:
+        raise StoreKeyError(f"{schema.name} store at {where}: was built with build key {attrs.build_key}, "
+                            f"this run expects {build_key} (built from another config or other inputs); "
+                            f"re-run the stage that builds it")
     versions = f"(store schema_version {attrs.schema_version}, code expects {schema.schema_version})"
     found_sizes: dict[str, tuple[int, str]] = {}
     for spec in schema.arrays:
@@ -253,6 +275,62 @@ def open_store(path: str | os.PathLike, schema: StoreSchema,
                                        f"expected {size} {versions}")
     _check_attr_dims(schema, attrs, sizes, where)
     return group
+
+
+@contextlib.contextmanager
+def store_build(path: str | os.PathLike) -> Iterator[Path]:
+    """A fresh sibling folder to write a whole store into; it replaces ``path`` once the block ends.
+
+    For stores written in one go (no per-row resume): readers only ever see the previous store
+    or the finished new one, never a half-written one. A run killed while writing leaves a
+    hidden ``.NAME.build-PID-…`` folder, removed by the next build; killed between the two
+    renames of the swap, it leaves no store at ``path``, which is then rebuilt.
+    """
+    path = Path(path)
+    remove_stale_builds(path)
+    staging = path.with_name(f".{path.name}.build-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_folder(staging, path)
+
+
+def replace_folder(source: Path, target: Path) -> None:
+    """Move the folder ``source`` to ``target``, replacing what is there (two renames, then a delete)."""
+    retired = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    if target.exists():
+        os.replace(target, retired)
+    os.replace(source, target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def remove_stale_builds(path: str | os.PathLike) -> list[Path]:
+    """Delete the leftovers of killed :func:`store_build` runs next to ``path`` (those of live
+    processes are kept); returns what was removed."""
+    path = Path(path)
+    removed = []
+    for leftover in path.parent.glob(f".{path.name}.*-*-*"):
+        kind, _, rest = leftover.name[len(path.name) + 2:].partition("-")
+        pid = rest.partition("-")[0]
+        if kind not in ("build", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(leftover, ignore_errors=True)
+        removed.append(leftover)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_attrs(group: zarr.Group, attrs: StoreAttrs) -> None:
@@ -316,7 +394,8 @@ def _validate_versioned(raw: dict[str, Any], model: type[BaseModel], expected: i
                                    f"(code expects schema_version {expected})")
     version = raw["schema_version"]
     if version != expected:
-        raise StoreValidationError(f"{head}: was written with schema_version {version}, this code reads {expected}")
+        raise StoreVersionError(f"{head}: was written with schema_version {version}, this code reads {expected}; "
+                                f"move or delete it to rebuild it with this code")
     try:
         return model.model_validate(raw)
     except pydantic.ValidationError as exc:

@@ -18,8 +18,10 @@ from storage_schemas import (
     EMBEDDINGS,
     ClustersAttrs,
     StoreValidationError,
+    StoreVersionError,
     create_store,
     open_store,
+    store_build,
     write_unit,
 )
 from tasks.dask_client import cluster_client
@@ -45,6 +47,8 @@ class ClusterResult:
 def _stored(path, key: str) -> ClusterResult | None:
     try:
         group = open_store(path, CLUSTERS)
+    except StoreVersionError:
+        raise
     except StoreValidationError:
         return None
     a = group.attrs.asdict()
@@ -58,6 +62,8 @@ def previous_centroids(cfg: PipelineConfig) -> tuple[np.ndarray, str] | None:
     """The current clusters store's centroids and key, for a warm start on new data."""
     try:
         group = open_store(workspace_of(cfg).clusters, CLUSTERS)
+    except StoreVersionError:
+        raise
     except StoreValidationError:
         return None
     return np.asarray(group["centroids"][:]), group.attrs["build_key"]
@@ -88,10 +94,11 @@ def run_cluster(cfg: PipelineConfig, embeddings_key: str, parent_run_id: str | N
             image_ids=list(emb.attrs["image_ids"]),
         )
         n, _, g, _ = emb["features"].shape
-        group = create_store(ws.clusters, CLUSTERS, sizes={"cluster": c.num_clusters,
-                             "channel": fit.centroids.shape[1], "image": n, "row": g, "col": g}, attrs=attrs)
-        group["centroids"][:] = fit.centroids.astype(np.float32)
-        _write_assignments(ws.embeddings, ws.clusters, n, write_unit(group["assignments"])[0], client)
+        with store_build(ws.clusters) as staging:  # readers never see a store without its assignments
+            group = create_store(staging, CLUSTERS, sizes={"cluster": c.num_clusters,
+                                 "channel": fit.centroids.shape[1], "image": n, "row": g, "col": g}, attrs=attrs)
+            group["centroids"][:] = fit.centroids.astype(np.float32)
+            _write_assignments(ws.embeddings, staging, n, write_unit(group["assignments"])[0], client)
         mlflow.log_metrics({"inertia": float(fit.inertia), "iterations": fit.n_iter, "points": fit.n_points,
                             "images_sampled": sampled, "converged": float(fit.converged)})
         for i, value in enumerate(fit.history):

@@ -26,10 +26,10 @@ from fss_core.embeddings.extract import (
     sample_valid_vectors,
     shard_blocks,
 )
-from fss_core.embeddings.pca import fit_projection, save_projection
+from fss_core.embeddings.pca import fit_projection, load_projection, save_projection
 from fss_core.embeddings.ssl_pretrain import pretrain_small_cnn
 from fss_core.models.backbones import build_backbone, checkpoint_sha256
-from storage_schemas import EMBEDDINGS, ManifestRow, open_store
+from storage_schemas import EMBEDDINGS, ManifestRow, StoreVersionError, open_store
 from tasks.ingest import training_rows
 from tasks.keys import build_key
 from tasks.tracking import stage_run
@@ -120,7 +120,7 @@ def prepare_extraction(cfg: PipelineConfig, parent_run_id: str | None = None) ->
                                     extractor=ref.name, stride=stride, long_side=e.long_side,
                                     checkpoint_sha256=ref.sha256, pca=e.pca_dim, shard_size=e.shard_size)
     root = source_root(cfg)
-    if e.pca_dim and "pca_components" not in group:
+    if e.pca_dim and load_projection(group) is None:
         sample = [root / by_id[i].path for i in ordered[: min(len(ordered), 256)]]
         vectors = sample_valid_vectors(sample, backbone, e.long_side, e.batch_size, 200_000, seed=cfg.cluster.seed)
         save_projection(group, fit_projection(vectors, e.pca_dim, seed=cfg.cluster.seed))
@@ -138,7 +138,9 @@ def _row_order(path: Path, key: str, manifest_ids: list[str]) -> list[str]:
     """Rows of the store: its existing rows first (when its key still holds), new images after."""
     try:
         group = open_store(path, EMBEDDINGS)
-    except Exception:  # no store yet, or an unreadable one: it is rebuilt
+    except StoreVersionError:
+        raise  # another code version's store: refused, not rebuilt over
+    except Exception:  # no store yet, or an unreadable or half-created one: it is rebuilt
         return manifest_ids
     old = list(group.attrs.get("image_ids", [])) if group.attrs.get("build_key") == key else []
     present = set(manifest_ids)
@@ -158,7 +160,7 @@ def extract_block(cfg: PipelineConfig, ref: BackboneRef, rows: list[int], paths:
 
 def finish_extraction(cfg: PipelineConfig, plan: ExtractPlan, computed: list[int],
                       parent_run_id: str | None = None) -> ExtractPlan:
-    group = open_store(workspace_of(cfg).embeddings, EMBEDDINGS)
+    group = open_store(workspace_of(cfg).embeddings, EMBEDDINGS, build_key=plan.build_key)
     missing = int((~np.asarray(group["done"][:])).sum())
     if missing:
         raise RuntimeError(f"embeddings store has {missing} images not extracted after all shards ran")

@@ -17,7 +17,7 @@ from fss_core.data.folds import num_classes_of
 from fss_core.embeddings.extract import shard_blocks
 from fss_core.pseudo.masks import finish_pseudo_masks, start_pseudo_masks, write_pseudo_masks
 from fss_core.pseudo.quality import evaluate_pseudo_masks, format_table
-from storage_schemas import CLUSTERS, EMBEDDINGS, FelzenszwalbParams, PseudoMasksMeta, open_store
+from storage_schemas import CLUSTERS, EMBEDDINGS, FelzenszwalbParams, PseudoMasksMeta, StoreKeyError, open_store
 from tasks.ingest import training_rows
 from tasks.keys import build_key
 from tasks.tracking import stage_run
@@ -80,7 +80,13 @@ def prepare_pseudo(cfg: PipelineConfig, cluster_key: str) -> PseudoPlan:
 def pseudo_block(cfg: PipelineConfig, plan_key: str, rows: list[int], paths: list[str]) -> int:
     """One shard of images: the unit of a mapped task."""
     ws = workspace_of(cfg)
-    centroids = np.asarray(open_store(ws.clusters, CLUSTERS)["centroids"][:])
+    clusters = open_store(ws.clusters, CLUSTERS)
+    stored_key = clusters.attrs["build_key"]
+    if build_key("pseudo", cfg, stored_key) != plan_key:
+        raise StoreKeyError(f"clusters store at {ws.clusters}: was built with build key {stored_key}, but the "
+                            f"pseudo masks being written (build {plan_key}) come from other clusters (another "
+                            f"config or other inputs); re-run the cluster stage")
+    centroids = np.asarray(clusters["centroids"][:])
     return write_pseudo_masks(rows, ws.embeddings, centroids, paths, ws.pseudo_masks, felzenszwalb_params(cfg),
                               plan_key, area_reference=cfg.pseudo.area_reference)
 
@@ -93,7 +99,7 @@ def finish_pseudo(cfg: PipelineConfig, plan: PseudoPlan, parent_run_id: str | No
         return QualitySummary(**json.loads(quality_path.read_text())["summary"])
     finish_pseudo_masks(ws.pseudo_masks, PseudoMasksMeta(build_key=plan.build_key, num_clusters=cfg.cluster.num_clusters,
                                                          felzenszwalb=felzenszwalb_params(cfg),
-                                                         image_count=len(plan.image_ids)))
+                                                         image_count=len(plan.image_ids)), plan.image_ids)
     root = source_root(cfg)
     labelled = [_Labelled(r.image_id, root / r.label_path) for r in training_rows(cfg) if r.label_path]
     with stage_run(cfg, "pseudo", parent_run_id, plan.build_key):

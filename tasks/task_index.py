@@ -11,7 +11,17 @@ from prefect import task
 
 from fss_core.config import PipelineConfig
 from fss_core.pseudo.task_index import PseudoTaskIndex, build_task_index
-from storage_schemas import TASKS, StoreValidationError, open_store
+from fss_core.pseudo.masks import META_NAME
+from storage_schemas import (
+    TASKS,
+    PseudoMasksMeta,
+    StoreKeyError,
+    StoreValidationError,
+    StoreVersionError,
+    open_store,
+    read_json_meta,
+    store_build,
+)
 from tasks.keys import build_key
 from tasks.tracking import stage_run
 from tasks.workspace import workspace_of
@@ -42,8 +52,15 @@ def run_task_index(cfg: PipelineConfig, pseudo_key: str, image_ids: list[str],
         if open_store(ws.tasks, TASKS).attrs.get("build_key") == key:
             log.info("task index: unchanged (build key %s), skipped", key)
             return _summary(PseudoTaskIndex.load(ws.tasks), key, cached=True)
+    except StoreVersionError:
+        raise
     except StoreValidationError:
         pass
+    masks = read_json_meta(ws.pseudo_masks / META_NAME, PseudoMasksMeta)
+    if masks.build_key != pseudo_key:
+        raise StoreKeyError(f"pseudo masks at {ws.pseudo_masks}: were built with build key {masks.build_key}, "
+                            f"this run expects {pseudo_key} (built from another config or other inputs); "
+                            f"re-run the pseudo stage")
     p = cfg.pseudo
     with stage_run(cfg, "task_index", parent_run_id, key):
         index = build_task_index(ws.pseudo_masks, ws.embeddings, image_ids, cfg.cluster.num_clusters,
@@ -51,7 +68,8 @@ def run_task_index(cfg: PipelineConfig, pseudo_key: str, image_ids: list[str],
                                  background_span=p.background_span, prior_max=p.prior_max, seed=cfg.cluster.seed)
         if index.num_occurrences == 0:
             raise ValueError("no image has a valid pseudo-class: lower pseudo.min_area or check the pseudo masks")
-        index.save(ws.tasks, key)
+        with store_build(ws.tasks) as staging:  # never a half-written index under the final name
+            index.save(staging, key)
         result = _summary(index, key, cached=False)
         mlflow.log_metrics({"occurrences": result.occurrences, "query_images": result.query_images,
                             "clusters_used": result.clusters_used})

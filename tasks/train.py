@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import torch
 from prefect import task
 
 from fss_core.config import PipelineConfig
@@ -123,6 +124,7 @@ def run_train(cfg: PipelineConfig, upstream_key: str, extraction: BackboneRef, p
         return TrainOutcome(key, t.mode, str(bundle_dir), None, None, None, cached=True)
     name, ckpt = fss_backbone(cfg, extraction)
     spec = model_spec(cfg, name)
+    torch.manual_seed(t.seed)  # the same settings give the same initial weights in any process (exact reruns)
     model = build_model(spec, backbone_checkpoint=ckpt)
     if start is not None:
         init, init_spec = load_bundle(start)

@@ -20,6 +20,7 @@ from storage_schemas import (
     ManifestRow,
     PseudoMasksMeta,
     StoreValidationError,
+    StoreVersionError,
     TasksAttrs,
     create_store,
     open_store,
@@ -127,9 +128,10 @@ def test_other_schema_version_is_refused(tmp_path):
     path = tmp_path / "embeddings.zarr"
     group = make_embeddings(path)
     group.attrs["schema_version"] = 0
-    with pytest.raises(StoreValidationError) as err:
+    with pytest.raises(StoreVersionError) as err:
         open_store(path, EMBEDDINGS)
-    assert str(err.value) == f"embeddings store at {path}: was written with schema_version 0, this code reads 1"
+    assert str(err.value) == (f"embeddings store at {path}: was written with schema_version 0, this code reads 1; "
+                              f"move or delete it to rebuild it with this code")
 
 
 def test_missing_attribute_is_named(tmp_path):

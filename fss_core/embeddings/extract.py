@@ -36,6 +36,7 @@ from storage_schemas import (
     EmbeddingsAttrs,
     Normalisation,
     StoreValidationError,
+    StoreVersionError,
     create_store,
     open_store,
     read_attrs,
@@ -238,6 +239,8 @@ def _same_key_store(path: str | os.PathLike, build_key: str, channels: int, grid
     """The store at ``path`` opened read-write if it is valid, was built with ``build_key`` and has this layout."""
     try:
         group = open_store(path, EMBEDDINGS, mode="r+")
+    except StoreVersionError:
+        raise  # another code version's store: refused, not rebuilt over
     except StoreValidationError as exc:
         log.info("no reusable embeddings store at %s: %s", path, exc)
         return None

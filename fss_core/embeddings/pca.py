@@ -72,14 +72,23 @@ def fit_projection(vectors: np.ndarray, dim: int, seed: int) -> Projection:
 
 
 def save_projection(group: zarr.Group, projection: Projection) -> None:
-    """Write ``projection`` into the embeddings store ``group`` (arrays ``pca_mean``, ``pca_components``)."""
+    """Write ``projection`` into the embeddings store ``group`` (arrays ``pca_mean``, ``pca_components``).
+
+    The components go last: until their data is written they read as zeros, which
+    :func:`load_projection` treats as no projection, so a killed write is redone.
+    """
     for name, data in ((MEAN_ARRAY, projection.mean), (COMPONENTS_ARRAY, projection.components)):
         group.create_array(name, shape=data.shape, dtype="float32", overwrite=True)[...] = data
 
 
 def load_projection(group: zarr.Group) -> Projection | None:
-    """The projection stored in ``group``, or None when it holds none."""
+    """The projection stored in ``group``, or None when it holds none or only part of one."""
     if MEAN_ARRAY not in group or COMPONENTS_ARRAY not in group:
         return None
-    return Projection(np.asarray(group[MEAN_ARRAY][...], dtype=np.float32),
-                      np.asarray(group[COMPONENTS_ARRAY][...], dtype=np.float32))
+    components = np.asarray(group[COMPONENTS_ARRAY][...], dtype=np.float32)
+    norms = np.linalg.norm(components, axis=-1) if components.ndim == 2 else np.zeros(0)
+    if not len(norms) or not np.all(np.abs(norms - 1) < 1e-2):  # principal axes have unit length
+        log.warning("embeddings store %s holds an incompletely written PCA projection; it is refitted",
+                    group.store_path)
+        return None
+    return Projection(np.asarray(group[MEAN_ARRAY][...], dtype=np.float32), components)

@@ -34,6 +34,7 @@ from storage_schemas import (
     FelzenszwalbParams,
     PseudoMasksMeta,
     StoreValidationError,
+    StoreVersionError,
     open_store,
     read_attrs,
     read_json_meta,
@@ -138,15 +139,17 @@ def start_pseudo_masks(out_dir: str | os.PathLike, build_key: str) -> bool:
     under it are removed first, so it never looks complete while being rewritten and no stale
     mask survives. ``build_key`` is then recorded as the pending build: :func:`write_pseudo_masks`
     keeps the masks that a killed run of this same build already wrote. Call once, before the
-    mapped writers.
+    mapped writers. Unfinished temporary files of killed writers are removed either way.
     """
     out_dir = Path(out_dir)
     meta = _read_meta(out_dir)
     if meta is not None and meta.build_key == build_key:
         return True
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.rglob(".*.png.tmp*"):  # a killed writer's unfinished file
+        leftover.unlink(missing_ok=True)
     if _current_key(out_dir) == build_key:
         return False
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / META_NAME).unlink(missing_ok=True)
     stale = list(out_dir.rglob("*.png"))
     for path in stale:
@@ -208,9 +211,19 @@ def write_pseudo_masks(
     return written
 
 
-def finish_pseudo_masks(out_dir: str | os.PathLike, meta: PseudoMasksMeta) -> None:
-    """Mark ``out_dir`` complete: write ``meta.json`` (atomic) and drop the pending build key."""
+def finish_pseudo_masks(out_dir: str | os.PathLike, meta: PseudoMasksMeta,
+                        image_ids: Sequence[str] | None = None) -> None:
+    """Mark ``out_dir`` complete: write ``meta.json`` (atomic) and drop the pending build key.
+
+    With ``image_ids``, first check that each has its mask: a folder missing one is never
+    marked complete (ValueError naming the first missing ids).
+    """
     out_dir = Path(out_dir)
+    if image_ids is not None:
+        missing = [i for i in image_ids if not (out_dir / f"{i}.png").is_file()]
+        if missing:
+            raise ValueError(f"pseudo masks {out_dir}: {len(missing)} of {len(image_ids)} masks are missing, "
+                             f"e.g. {missing[:3]}; not marked complete")
     write_json_meta(out_dir / META_NAME, meta)
     (out_dir / PENDING_NAME).unlink(missing_ok=True)
 
@@ -221,6 +234,8 @@ def _read_meta(out_dir: Path) -> PseudoMasksMeta | None:
         return None
     try:
         return read_json_meta(path, PseudoMasksMeta)
+    except StoreVersionError:
+        raise  # masks of another code version: refused, not deleted
     except StoreValidationError as exc:
         log.warning("%s", exc)
         return None
