@@ -24,7 +24,7 @@ from tasks.evaluate import evaluate_task
 from tasks.register import register_task
 from tasks.train import train_task
 from tasks.tracking import pipeline_run
-from tasks.workspace import save_resolved_config, workspace_of
+from tasks.workspace import save_resolved_config, workspace_lock, workspace_of
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ def pipeline(
     ws = workspace_of(cfg)
     run_dir = save_resolved_config(cfg, ws)
     log.info("workspace %s; resolved config in %s", ws.root, run_dir)
-    with dask_cluster(cfg.runtime) as address, pipeline_run(cfg) as run:
+    with workspace_lock(ws.root, what="fss-pipeline flow"), dask_cluster(cfg.runtime) as address, \
+            pipeline_run(cfg) as run:
         runner = DaskTaskRunner(address=address)
         results = stages.with_options(task_runner=runner)(cfg.model_dump(mode="json"), run.info.run_id, until=until)
     return results

@@ -17,7 +17,7 @@ from storage_schemas import EMBEDDINGS, StoreValidationError, open_store
 from tasks.ingest import run_ingest, training_rows
 from tasks.registry import champion_bundle
 from tasks.tracking import pipeline_run
-from tasks.workspace import save_resolved_config, workspace_of
+from tasks.workspace import save_resolved_config, workspace_lock, workspace_of
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,11 @@ def retrain(
     if dask_address:
         cfg.runtime.dask_address = dask_address
     ws = workspace_of(cfg)
+    with workspace_lock(ws.root, what="fss-retrain flow"):
+        return _retrain(cfg, ws)
+
+
+def _retrain(cfg: PipelineConfig, ws) -> dict[str, Any]:
     new, known = new_images(cfg)
     if not enough(cfg, new, known):
         log.info("retrain: %d new images for %d known; below the threshold, nothing to do", new, known)

@@ -14,6 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from fss_cli.errors import OneLineErrors, debugging, hide_tracebacks_in_terminal_logs
+
 # Prefect reads these at import time: keep its state out of the user's home by default,
 # and send nothing to the network.
 os.environ.setdefault("PREFECT_HOME", str(Path.home() / ".fss" / "prefect"))
@@ -28,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 app = typer.Typer(help="Label-free few-shot semantic segmentation pipeline.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+                  pretty_exceptions_enable=False, cls=OneLineErrors)
 data_app = typer.Typer(help="Datasets: synthetic data.", no_args_is_help=True)
 prepare_app = typer.Typer(help="Prepare real datasets: SBD/VOC aug labels, COCO masks, lists.",
                           no_args_is_help=True)
@@ -45,6 +47,8 @@ WorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w", help=
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not debugging():
+        hide_tracebacks_in_terminal_logs()
 
 
 def _fail(message: str) -> None:
@@ -105,10 +109,15 @@ def ingest(
         extra += [f"data.source={source.resolve()}", f"data.layout={layout}"]
     cfg = _config(config, extra, workspace)
     from tasks.ingest import run_ingest
+    from tasks.workspace import workspace_lock, workspace_of
 
-    result = run_ingest(cfg)
+    with workspace_lock(workspace_of(cfg).root, what="fss ingest"):
+        result = run_ingest(cfg)
     typer.echo(f"manifest: {result.total} images, {result.ok} ok, {result.skipped} skipped, "
                f"{result.added} added, {result.changed} changed, {result.removed} removed")
+    if result.ok == 0:
+        _fail(f"no readable image in the source ({result.skipped} skipped; the manifest "
+              f"{workspace_of(cfg).manifest} gives each reason)")
 
 
 @prepare_app.command("sbd")
@@ -156,9 +165,15 @@ def prepare_lists_cmd(
 
 
 def _run_pipeline(cfg, dask_address: str | None, until: str = "register") -> dict:
-    from flows.pipeline import pipeline
+    from tasks.workspace import workspace_lock, workspace_of
 
-    return pipeline(config=cfg.model_dump(mode="json"), dask_address=dask_address, until=until)
+    # Taken before Prefect starts, so a busy workspace fails at once; the flow re-enters it.
+    with workspace_lock(workspace_of(cfg).root, what=f"fss (until {until})"):
+        from flows.pipeline import pipeline
+
+        if not debugging():
+            hide_tracebacks_in_terminal_logs()  # Prefect installs its console handlers on import
+        return pipeline(config=cfg.model_dump(mode="json"), dask_address=dask_address, until=until)
 
 
 def _stage_command(until: str, doc: str):
@@ -292,8 +307,10 @@ def ui(
     workspace: WorkspaceOpt = None,
     mlflow_port: int = 5000,
     prefect_port: int = 4200,
+    host: Annotated[str, typer.Option(help="Interface both servers listen on; 0.0.0.0 exposes them to "
+                                           "the network (they have no authentication)")] = "127.0.0.1",
 ) -> None:
-    """Start the MLflow UI (on the workspace's store) and the Prefect server, on 127.0.0.1."""
+    """Start the MLflow UI (on the workspace's store) and the Prefect server, on 127.0.0.1 unless --host."""
     import subprocess
     import time
 
@@ -304,11 +321,11 @@ def ui(
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     procs = [
         subprocess.Popen([str(bin_dir / "mlflow"), "server", "--backend-store-uri", tracking_uri(cfg),
-                          "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"], env=env),
-        subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1",
+                          "--host", host, "--port", str(mlflow_port), "--workers", "1"], env=env),
+        subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", host,
                           "--port", str(prefect_port)], env=env),
     ]
-    typer.echo(f"MLflow UI:  http://127.0.0.1:{mlflow_port}\nPrefect UI: http://127.0.0.1:{prefect_port}\n"
+    typer.echo(f"MLflow UI:  http://{host}:{mlflow_port}\nPrefect UI: http://{host}:{prefect_port}\n"
                "Ctrl-C stops both.")
     try:
         while all(p.poll() is None for p in procs):

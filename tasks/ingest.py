@@ -56,7 +56,8 @@ def run_ingest(cfg: PipelineConfig, parent_run_id: str | None = None) -> IngestR
     ensure_synthetic(cfg)
     ws = workspace_of(cfg)
     existing = read_manifest(ws.manifest) if ws.manifest.is_file() else None
-    update = build_manifest(source_root(cfg), layout=cfg.data.layout, existing=existing)
+    update = build_manifest(source_root(cfg), layout=cfg.data.layout, existing=existing,
+                            num_classes=label_classes(cfg))
     write_manifest(ws.manifest, update.rows)
     digest = hashlib.sha256()
     for row in update.rows:
@@ -78,6 +79,16 @@ def run_ingest(cfg: PipelineConfig, parent_run_id: str | None = None) -> IngestR
     log.info("ingest: %d images (%d new, %d changed, %d skipped)", result.total, result.added,
              result.changed, result.skipped)
     return result
+
+
+def label_classes(cfg: PipelineConfig) -> int | None:
+    """Foreground classes the labels may hold, when the config says (None: values not checked)."""
+    from tasks.pseudo import dataset_num_classes  # tasks.pseudo imports this module
+
+    try:
+        return dataset_num_classes(cfg)
+    except ValueError:
+        return None
 
 
 def training_rows(cfg: PipelineConfig) -> list[ManifestRow]:

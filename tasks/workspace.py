@@ -1,14 +1,33 @@
-"""The workspace: one folder holding every durable artifact of a pipeline."""
+"""The workspace: one folder holding every durable artifact of a pipeline, and its lock."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
+import json
+import logging
 import os
+import socket
 import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from fss_core.config import PipelineConfig
+
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".fss.lock"
+LOCK_WAIT_ENV = "FSS_LOCK_WAIT"  # seconds a run waits for a busy workspace; unset or 0 = fail at once
+
+
+class WorkspaceLockedError(RuntimeError):
+    """Another pipeline holds the workspace; the message names its process."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +84,10 @@ class Workspace:
     def mlflow_artifacts(self) -> Path:
         return self.root / "mlartifacts"
 
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_NAME
+
     def ensure(self) -> Workspace:
         self.root.mkdir(parents=True, exist_ok=True)
         return self
@@ -110,3 +133,100 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# Locks this process holds, by lock path: (open file, depth), so a flow called by a command that
+# already holds the lock re-enters it instead of waiting on itself.
+_held: dict[Path, list] = {}
+_held_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def workspace_lock(root: str | os.PathLike, wait: float | None = None, what: str | None = None) -> Iterator[Path]:
+    """Hold the workspace's lock for the block: one pipeline (or ingest) per workspace at a time.
+
+    The lock is an ``flock`` on ``ROOT/.fss.lock``, so the kernel drops it when its process
+    dies, however it dies: a lock file left by a dead process is simply taken over. The file
+    records the holder (pid, host, command, start time) for the message a second run gets.
+    ``wait``: seconds to wait for a busy workspace (None = ``$FSS_LOCK_WAIT``, else 0); then
+    :class:`WorkspaceLockedError`. Re-entrant within a process.
+    """
+    path = (Path(root).expanduser().resolve() / LOCK_NAME)
+    with _held_guard:
+        if path in _held:
+            _held[path][1] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield path
+        finally:
+            with _held_guard:
+                _held[path][1] -= 1
+        return
+    if wait is None:
+        wait = float(os.environ.get(LOCK_WAIT_ENV) or 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        _acquire(handle, path, wait)
+        previous = _read_holder(handle)
+        if previous and previous.get("pid") != os.getpid():
+            log.info("workspace lock %s: taking over from pid %s (%s), which is no longer running",
+                     path, previous.get("pid"), previous.get("command", "?"))
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "command": what or " ".join(sys.argv)[:200],
+                                 "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}) + "\n")
+        handle.flush()
+        with _held_guard:
+            _held[path] = [handle, 1]
+        try:
+            yield path
+        finally:
+            with _held_guard:
+                del _held[path]
+            handle.seek(0)
+            handle.truncate()  # an empty file: nobody holds it
+            handle.flush()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        handle.close()
+
+
+def _acquire(handle, path: Path, wait: float) -> None:
+    deadline = time.monotonic() + max(wait, 0.0)
+    announced = False
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            holder = _describe_holder(_read_holder(handle))
+            if time.monotonic() >= deadline:
+                waited = f" after waiting {wait:g} s" if wait > 0 else ""
+                raise WorkspaceLockedError(
+                    f"workspace {path.parent} is in use by {holder}{waited}; wait for it to finish "
+                    f"(or set {LOCK_WAIT_ENV}=SECONDS to wait)") from None
+            if not announced:
+                log.info("workspace %s is in use by %s; waiting up to %g s", path.parent, holder, wait)
+                announced = True
+            time.sleep(min(0.5, max(deadline - time.monotonic(), 0.01)))
+
+
+def _read_holder(handle) -> dict:
+    handle.seek(0)
+    try:
+        holder = json.loads(handle.read() or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe_holder(holder: dict) -> str:
+    if not holder:
+        return "another process"
+    return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+            f"({holder.get('command', '?')}, since {holder.get('started', '?')})")

@@ -1,8 +1,12 @@
 """Image and label I/O with Pillow.
 
 Every image is returned as RGB ``uint8 [H, W, 3]`` with its EXIF orientation applied, so
-a photo taken in portrait is seen the way a person sees it. Labels are single-channel
-``uint8 [H, W]`` (class ids, 255 = ignore); palette PNGs are read by index, not colour.
+a photo taken in portrait is seen the way a person sees it. Grayscale, palette, CMYK and
+RGBA images are converted (alpha is dropped); 16-bit and 32-bit grayscale are scaled to
+8 bits, not clipped. An image larger than ``Image.MAX_IMAGE_PIXELS`` (Pillow's
+decompression-bomb limit, about 89 megapixels) is refused before it is decoded. Labels are
+single-channel ``uint8 [H, W]`` (class ids, 255 = ignore); palette PNGs are read by index,
+not colour.
 """
 
 from __future__ import annotations
@@ -25,10 +29,37 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
     """Read an image as RGB ``uint8 [H, W, 3]``, EXIF orientation applied."""
     try:
         with Image.open(path) as im:
+            _check_pixels(im)
             im = ImageOps.exif_transpose(im)
+            if im.mode in _WIDE_GRAY:
+                return np.repeat(_gray_to_uint8(im)[..., None], 3, axis=2)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except ImageReadError as exc:
+        raise ImageReadError(f"{path}: not a readable image ({exc})") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # PIL's failure modes
         raise ImageReadError(f"{path}: not a readable image ({exc})") from exc
+
+
+_WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _check_pixels(im: Image.Image) -> None:
+    """Refuse an image above Pillow's decompression-bomb limit (Pillow itself only warns below 2x)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and im.width * im.height > limit:
+        raise ImageReadError(f"{im.width}x{im.height} = {im.width * im.height} pixels exceeds the "
+                             f"decompression-bomb limit of {limit} pixels")
+
+
+def _gray_to_uint8(im: Image.Image) -> np.ndarray:
+    """A 16/32-bit integer or float grayscale image scaled to ``uint8 [H, W]`` by its bit depth."""
+    values = np.asarray(im)
+    if im.mode == "F":
+        values = np.nan_to_num(values.astype(np.float64))
+        top = 1.0 if values.max(initial=0) <= 1.0 else 65535.0 if values.max(initial=0) > 255 else 255.0
+    else:
+        top = 65535.0 if im.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+    return np.clip(np.rint(values.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

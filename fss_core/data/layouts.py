@@ -50,10 +50,12 @@ def read_folder(root: str | os.PathLike) -> list[ImageRecord]:
     """
     root = _existing_dir(root)
     by_id: dict[str, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_report_unlistable):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # prune hidden folders in place
-        for name in filenames:
+        for name in sorted(filenames):  # a stable order: the same duplicate is reported every time
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if not _recordable(Path(dirpath, name), root):
                 continue
             path = Path(dirpath, name)
             image_id = path.relative_to(root).with_suffix("").as_posix()
@@ -186,8 +188,14 @@ def _pair_folder(image_dir: Path, label_dir: Path, split: str | None) -> list[Im
     if not image_dir.is_dir():
         raise DatasetLayoutError(f"image folder {image_dir} does not exist")
     by_id: dict[str, Path] = {}
-    for path in image_dir.iterdir():
+    try:
+        entries = list(image_dir.iterdir())
+    except OSError as exc:
+        raise DatasetLayoutError(f"image folder {image_dir} cannot be listed ({exc.strerror or exc})") from exc
+    for path in sorted(entries):
         if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if not _recordable(path, image_dir):
             continue
         if path.stem in by_id:
             raise DatasetLayoutError(
@@ -199,6 +207,26 @@ def _pair_folder(image_dir: Path, label_dir: Path, split: str | None) -> list[Im
         label = label_dir / f"{image_id}.png"
         records.append(ImageRecord(image_id, by_id[image_id], label if label.is_file() else None, split))
     return records
+
+
+def _report_unlistable(error: OSError) -> None:
+    """A sub-folder that cannot be listed (permissions): its images cannot be seen, so say so."""
+    log.warning("cannot list %s (%s): images in it are not ingested", error.filename, error.strerror or error)
+
+
+def _recordable(path: Path, root: Path) -> bool:
+    """Whether the manifest can record ``path`` (UTF-8, no backslash); a warning names it if not."""
+    relative = os.fsdecode(path.relative_to(root))
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        log.warning("%s: file name is not valid UTF-8 and cannot be recorded; rename it to ingest it",
+                    os.fsencode(path))
+        return False
+    if "\\" in relative:
+        log.warning("%s: file name contains a backslash and cannot be recorded; rename it to ingest it", path)
+        return False
+    return True
 
 
 def _existing_dir(root: str | os.PathLike) -> Path:

@@ -2,8 +2,9 @@
 
 Every candidate image is hashed (sha256, streamed), decoded once to prove it is readable
 and to record its size after EXIF orientation, and its label (if any) is checked to be
-readable and of the same size. A file that fails any check becomes a ``skipped`` row with
-the reason, never a crash and never a silent drop.
+readable and of the same size, and, when the number of classes is known, to hold only class
+ids ``0..num_classes`` and 255 (ignore). A file that fails any check becomes a ``skipped`` row
+with the reason, never a crash and never a silent drop.
 
 Re-ingesting the same source is cheap: a file whose size and mtime match its row is
 trusted without re-reading it, and a file whose content hash matches keeps its row. A
@@ -24,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydantic
 from PIL import Image
 from pydantic import BaseModel
 
-from fss_core.data.images import ImageReadError, image_size, load_label
+from fss_core.data.images import IGNORE_LABEL, ImageReadError, image_size, load_label
 from fss_core.data.layouts import ImageRecord, detect_layout, read_dataset
 from storage_schemas.manifest import (
     MANIFEST_SCHEMA_VERSION,
@@ -83,17 +85,21 @@ def scan_source(root: str | os.PathLike, layout: str = "auto", split: str | None
 
 
 def build_manifest(root: str | os.PathLike, layout: str = "auto", existing: list[ManifestRow] | None = None,
-                   *, split: str | None = None, workers: int | None = None) -> ManifestUpdate:
+                   *, split: str | None = None, workers: int | None = None,
+                   num_classes: int | None = None) -> ManifestUpdate:
     """Ingest ``root`` and return the updated manifest relative to ``existing`` (None = first ingest).
 
     ``workers`` threads hash and decode files in parallel (default: up to 8, one per core).
+    ``num_classes``: foreground classes of the labels; a label holding another value than
+    ``0..num_classes`` or 255 makes its image a skipped row (None = values not checked).
     """
     root = Path(root)
     records = scan_source(root, layout, split)
     previous = {row.image_id: row for row in existing or ()}
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda rec: _ingest_one(root, rec, previous.get(rec.image_id)), records))
+        results = list(pool.map(lambda rec: _ingest_one(root, rec, previous.get(rec.image_id), num_classes),
+                                records))
 
     rows: dict[str, ManifestRow] = {}
     update: dict[str, list[str]] = {k: [] for k in ("added", "changed", "unchanged", "skipped", "removed")}
@@ -117,7 +123,8 @@ def build_manifest(root: str | os.PathLike, layout: str = "auto", existing: list
     return ManifestUpdate(rows=[rows[i] for i in sorted(rows)], **{k: sorted(v) for k, v in update.items()})
 
 
-def _ingest_one(root: Path, record: ImageRecord, previous: ManifestRow | None) -> tuple[ManifestRow, str]:
+def _ingest_one(root: Path, record: ImageRecord, previous: ManifestRow | None,
+                num_classes: int | None = None) -> tuple[ManifestRow, str]:
     """(row, outcome) for one candidate; outcome is "added", "changed" or "unchanged"."""
     path = _relative(root, record.image_path)
     label_path = _relative(root, record.label_path) if record.label_path is not None else None
@@ -147,14 +154,21 @@ def _ingest_one(root: Path, record: ImageRecord, previous: ManifestRow | None) -
     base.update(width=width, height=height)
     if record.label_path is not None:
         try:
-            label_hw = load_label(record.label_path).shape
+            label = load_label(record.label_path)
         except (ImageReadError, Image.DecompressionBombError) as exc:
             return ManifestRow(**base, status="skipped",
                                reason=f"unreadable label {label_path} ({_cause(exc)})"), outcome
-        if label_hw != (height, width):
+        if label.shape != (height, width):
             return ManifestRow(**base, status="skipped",
-                               reason=f"label {label_path} is {label_hw[1]}x{label_hw[0]}, "
+                               reason=f"label {label_path} is {label.shape[1]}x{label.shape[0]}, "
                                       f"image is {width}x{height}"), outcome
+        if num_classes is not None:
+            present = np.unique(label)
+            foreign = present[(present > num_classes) & (present != IGNORE_LABEL)]
+            if len(foreign):
+                return ManifestRow(**base, status="skipped",
+                                   reason=f"label {label_path} holds values {foreign[:5].tolist()} outside the "
+                                          f"classes 0..{num_classes} and {IGNORE_LABEL} (ignore)"), outcome
     return ManifestRow(**base, status="ok"), outcome
 
 
