@@ -84,7 +84,8 @@ def run_stages(ws: Path, tally: Tally | None = None, until: str = "train") -> di
 
     stage("extract")
     plan = prepare_extraction(cfg)
-    tally.extracted += sum(extract_block(cfg, plan.backbone, rows, paths) for rows, paths in zip(plan.blocks, plan.paths))
+    tally.extracted += sum(extract_block(cfg, plan.backbone, rows, paths)
+                           for rows, paths in zip(plan.blocks, plan.paths))
     keys["extract"] = finish_extraction(cfg, plan, [0]).output_key
     if not stage("cluster"):
         return keys
@@ -92,7 +93,8 @@ def run_stages(ws: Path, tally: Tally | None = None, until: str = "train") -> di
     if not stage("pseudo"):
         return keys
     masks = prepare_pseudo(cfg, keys["cluster"])
-    tally.masks += sum(pseudo_block(cfg, masks.build_key, rows, paths) for rows, paths in zip(masks.blocks, masks.paths))
+    tally.masks += sum(pseudo_block(cfg, masks.build_key, rows, paths)
+                       for rows, paths in zip(masks.blocks, masks.paths))
     finish_pseudo(cfg, masks)
     keys["pseudo"] = masks.build_key
     if not stage("task_index"):
@@ -250,10 +252,11 @@ def before_rerun(ws: Path, reference: dict) -> dict:
     masks = ws / "pseudo_masks"
     if (masks / "meta.json").is_file() or (masks / ".pending_build_key").is_file():
         left["masks"] = len(list(masks.rglob("*.png")))
-    checkpoints = list((ws / "models").glob("unsupervised-*.checkpoints/last.pt")) if (ws / "models").is_dir() else []
+    models = ws / "models"
+    checkpoints = list(models.glob("unsupervised-*.checkpoints/last.pt")) if models.is_dir() else []
     if checkpoints:
         left["epoch"] = read_checkpoint(checkpoints[0])["epoch"]
-    left["trained"] = bool(list((ws / "models").glob("unsupervised-*/model.json"))) if (ws / "models").is_dir() else False
+    left["trained"] = models.is_dir() and bool(list(models.glob("unsupervised-*/model.json")))
     return left
 
 
@@ -302,8 +305,8 @@ def test_sigkill_anywhere_then_rerun_equals_an_uninterrupted_run(reference, fork
         monkeypatch.setattr(tasks.train, "train", counting_train)
         keys = run_stages(ws, tally, until=stage)
         when = "after a random delay" if by_timer else f"{'before' if before else 'after'} commit {kill_at}"
-        report.append(f"seed {seed}: {stage}, killed={killed} {when}, kept {left}, redone {tally.extracted} rows/{tally.masks} masks/"
-                      f"epochs {tally.epochs}")
+        report.append(f"seed {seed}: {stage}, killed={killed} {when}, kept {left}, redone {tally.extracted} "
+                      f"rows/{tally.masks} masks/epochs {tally.epochs}")
         assert keys == {k: v for k, v in reference["keys"].items() if k in keys}, report[-1]
         assert_same_state(store_state(ws, until=stage), reference["states"][stage], report[-1])
         n = reference["n"]

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fss_core.torch_files import UnsafeCheckpointError, load_tensors
+
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``payload`` to ``path`` atomically (a temporary file in the same folder, then a rename).
@@ -55,7 +57,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_tensors(path)
+    except UnsafeCheckpointError:
+        raise
     except Exception as error:
         raise ValueError(f"checkpoint {path} cannot be read: {error}") from error
     if not isinstance(payload, dict):

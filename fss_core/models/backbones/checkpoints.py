@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fss_core.torch_files import UnsafeCheckpointError, load_tensors
+
 # BatchNorm's step counter is bookkeeping, not a weight: older files lack it, frozen norms have none.
 _COUNTER_SUFFIX = "num_batches_tracked"
 _LISTED = 20
@@ -40,7 +42,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        content = load_tensors(path)
+    except UnsafeCheckpointError:
+        raise
     except Exception as exc:  # torch raises pickle, zip and runtime errors alike on bad files
         raise CheckpointMismatchError(f"{path}: not a readable torch checkpoint ({exc})") from exc
     if not isinstance(content, Mapping):

@@ -16,6 +16,7 @@ import torch
 
 from fss_core.models.backbones import build_backbone
 from fss_core.models.fss.network import FSSModelConfig, FSSNetwork
+from fss_core.torch_files import load_tensors
 
 SPEC_FILE = "model.json"
 WEIGHTS_FILE = "weights.pt"
@@ -63,6 +64,6 @@ def load_bundle(folder: str | os.PathLike, map_location: str = "cpu") -> tuple[F
         raise FileNotFoundError(f"{folder} is not a model bundle (needs {SPEC_FILE} and {WEIGHTS_FILE})")
     spec = ModelSpec.from_json((folder / SPEC_FILE).read_text())
     model = build_model(spec)
-    state = torch.load(folder / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+    state = load_tensors(folder / WEIGHTS_FILE, map_location=map_location)
     model.load_state_dict(state, strict=True)
     return model.eval(), spec
