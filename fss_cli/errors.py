@@ -4,11 +4,14 @@ The root command group catches every exception a command raises and prints it as
 ``error: <message>`` on stderr with exit code 1. Errors the pipeline raises on purpose (bad
 input, a refused store, a busy workspace, ...) already carry a message meant for people; any
 other exception is shown with its type. ``FSS_DEBUG=1`` re-raises instead, for the traceback.
-Log records printed to the terminal lose their tracebacks the same way (the message stays).
+Log records printed to the terminal lose their tracebacks the same way (the message stays), in
+the command's process and in the workers of the local Dask cluster it starts; log records sent
+to the Prefect server keep them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -87,3 +90,17 @@ def hide_tracebacks_in_terminal_logs() -> None:
             terminal = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
             if terminal and not isinstance(handler.formatter, _NoTraceback):
                 handler.setFormatter(_NoTraceback(handler.formatter))
+
+
+def quiet_local_workers() -> None:
+    """Have the Dask workers this process starts strip tracebacks from their terminal log lines
+    too (a worker preload, through the environment they inherit); a preload set by the user wins."""
+    os.environ.setdefault("DASK_DISTRIBUTED__WORKER__PRELOAD", json.dumps([__name__]))
+
+
+def dask_setup(worker=None) -> None:
+    """Dask worker preload hook: Prefect's logging set up now, its terminal lines without tracebacks."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
+    hide_tracebacks_in_terminal_logs()

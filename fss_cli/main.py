@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from fss_cli.errors import OneLineErrors, debugging, hide_tracebacks_in_terminal_logs
+from fss_cli.errors import OneLineErrors, debugging, hide_tracebacks_in_terminal_logs, quiet_local_workers
 
 # Prefect reads these at import time: keep its state out of the user's home by default,
 # and send nothing to the network.
@@ -169,6 +169,8 @@ def _run_pipeline(cfg, dask_address: str | None, until: str = "register") -> dic
 
     # Taken before Prefect starts, so a busy workspace fails at once; the flow re-enters it.
     with workspace_lock(workspace_of(cfg).root, what=f"fss (until {until})"):
+        if not debugging():
+            quiet_local_workers()
         from flows.pipeline import pipeline
 
         if not debugging():

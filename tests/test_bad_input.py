@@ -233,3 +233,25 @@ def test_terminal_log_lines_lose_their_tracebacks_but_keep_the_message():
     finally:
         logger.removeHandler(handler)
     assert stream.getvalue() == "task run failed: extract-shard-3\n"
+
+
+def test_local_dask_workers_print_task_failures_without_tracebacks(monkeypatch):
+    """The CLI has the workers of its local cluster preload a hook that strips tracebacks from
+    Prefect's terminal log lines (task failures are logged there, in the worker processes)."""
+    import json
+    import subprocess
+    import sys
+
+    from fss_cli.errors import quiet_local_workers
+
+    monkeypatch.delenv("DASK_DISTRIBUTED__WORKER__PRELOAD", raising=False)
+    quiet_local_workers()
+    assert json.loads(os.environ["DASK_DISTRIBUTED__WORKER__PRELOAD"]) == ["fss_cli.errors"]
+    worker = ("import importlib, logging, dask\n"
+              "hook = importlib.import_module(dask.config.get('distributed.worker.preload')[0])\n"
+              "hook.dask_setup(None)\n"
+              "try:\n    raise ValueError('need at least 2 readable training images')\n"
+              "except ValueError:\n    logging.getLogger('tasks.extract').exception('Task run failed')\n")
+    run = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "Task run failed" in run.stderr and "Traceback" not in run.stderr
