@@ -1,5 +1,5 @@
 """The end-to-end pipeline flow: ingest → extract → cluster → pseudo masks → task index →
-train → evaluate → register. Composition only; the work is in ``tasks/``."""
+train → (the ``compare.*`` models) → evaluate → register. Composition only; the work is in ``tasks/``."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from prefect_dask import DaskTaskRunner
 from tqdm import tqdm
 
 from flows.dask_runtime import dask_cluster
-from fss_core.config import load_config
+from fss_core.config import PipelineConfig, load_config
 from tasks.cluster import cluster_task
+from tasks.compare import compare_prepare_task, compare_train_task
 from tasks.extract import extract_finish_task, extract_prepare_task, extract_shard_task
 from tasks.ingest import ingest_task
 from tasks.pseudo import pseudo_finish_task, pseudo_prepare_task, pseudo_shard_task
@@ -38,7 +39,9 @@ def stages(config: dict, parent_run_id: str | None = None, warm_start: bool = Fa
     """The DAG itself; runs on the Dask task runner it is given. Each stage skips itself
     when its build key matches what is stored. ``warm_start``: k-means starts from the
     current centroids; ``init_bundle``: training starts from that model (retraining);
-    ``until``: the last stage to run (the per-stage CLI commands)."""
+    ``until``: the last stage to run (the per-stage CLI commands). With ``compare.*`` set, the
+    comparison models are trained (each fold and method its own cached task, in parallel on the
+    workers) before ``evaluate`` scores them with the rest."""
     if until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
     stop = STAGES.index(until)
@@ -78,7 +81,18 @@ def stages(config: dict, parent_run_id: str | None = None, warm_start: bool = Fa
     if stop < 6:
         return results
 
-    results["evaluate"] = evaluation = evaluate_task.submit(config, trained, plan.backbone, parent_run_id).result()
+    compared = []
+    if PipelineConfig.model_validate(config).compare.enabled:
+        data = compare_prepare_task.submit(config, ingested.build_key).result()
+        with on_gpu_worker(config):
+            futures = [compare_train_task.submit(config, spec.method, spec.fold, spec.fraction,
+                                                 data.data_keys[spec.method], plan.backbone, trained.bundle,
+                                                 parent_run_id)
+                       for spec in data.specs]
+        results["compare"] = compared = [f.result() for f in futures]
+
+    results["evaluate"] = evaluation = evaluate_task.submit(config, trained, plan.backbone, parent_run_id,
+                                                            compared).result()
     if stop < 7:
         return results
 

@@ -212,10 +212,14 @@ def run(
     workspace: WorkspaceOpt = None,
     dask_address: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, tcp://host:8786")] = None,
 ) -> None:
-    """Run the whole pipeline flow on the configured dataset into the workspace."""
+    """Run the whole pipeline flow on the configured dataset into the workspace; print each stage's
+    summary and the evaluation's comparison table."""
     _setup_logging()
     cfg = _config(config, set_, workspace)
     results = _run_pipeline(cfg, dask_address)
+    from fss_cli.report import print_summary
+
+    print_summary(cfg, results)
     typer.echo(f"pipeline finished: {', '.join(results)}")
 
 

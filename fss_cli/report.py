@@ -19,13 +19,25 @@ def _as_dict(value: Any) -> dict:
     return dict(value) if isinstance(value, dict) else {"value": value}
 
 
+def _models_table(title: str, models: list) -> Table:
+    table = Table(title=title, show_header=True)
+    for column in ("method", "fold", "cached", "best epoch", "bundle"):
+        table.add_column(column)
+    for m in models:
+        table.add_row(m.method, str(m.fold), str(m.trained.cached), str(m.trained.best_epoch), m.trained.bundle)
+    return table
+
+
 def print_summary(cfg: PipelineConfig, results: dict[str, Any]) -> None:
     """One table per stage result, then how to open the UIs."""
     console = Console()
     for stage, value in results.items():
         if hasattr(value, "table"):  # the evaluation's comparison table
             console.print(f"[bold]{stage}[/bold] (mIoU %, mean ± std over seeds)")
-            console.print(value.table)
+            console.print(value.table, markup=False, highlight=False, soft_wrap=True)
+            continue
+        if isinstance(value, list):  # the comparison models, one line each
+            console.print(_models_table(stage, value))
             continue
         table = Table(title=stage, show_header=True)
         table.add_column("field")

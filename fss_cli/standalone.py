@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from fss_core.config import PipelineConfig
@@ -51,11 +52,12 @@ def evaluate_standalone(cfg: PipelineConfig, bundle: Path | None, out: Path, pre
     for fold in e.folds:
         split = fold_split(cfg.data.fold_scheme, fold, dataset_num_classes(cfg))
         for shots in e.shots:
-            m = run_protocol(predictor, records, split, shots, n_episodes, e.seeds, size, min_area,
-                             out / f"fold{fold}" / f"{shots}shot",
+            folder = out / f"fold{fold}" / f"{shots}shot"
+            m = run_protocol(predictor, records, split, shots, n_episodes, e.seeds, size, min_area, folder,
                              predictions_dir=predictions_folder(predictions, fold, shots) if predictions else None,
                              n_overlays=overlays, progress=cfg.runtime.progress)
-            rows.append(EvalRow(method, fold, shots, m["miou"], m["miou_std"], m["fbiou"], m["fbiou_std"]))
+            rows.append(EvalRow(method, fold, shots, m["miou"], m["miou_std"], m["fbiou"], m["fbiou_std"],
+                                [s["miou"] for s in m["seeds"]], str(folder)))
     table = comparison_table(rows)
-    (out / "summary.json").write_text(json.dumps({"rows": [r.__dict__ for r in rows], "table": table}, indent=1))
+    (out / "summary.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "table": table}, indent=1))
     return table

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -145,6 +145,41 @@ class EvaluateConfig(_Section):
     overlays: int = Field(8, ge=0)
 
 
+LABEL_FRACTIONS = (5, 10, 20)  # % of the labelled train images in the lists train_{5,10,20}.txt
+
+
+class CompareConfig(_Section):
+    """Label-efficient rows of the evaluation table, trained per evaluated fold (needs labels).
+
+    For each fold in ``evaluate.folds``: each fraction x fine-tunes the run's unsupervised model on
+    base-class episodes of x % of the labelled train images (``lists/train_{x}.txt``, written
+    seeded and nested when missing); ``supervised`` trains a model from fresh weights on base-class
+    episodes of every labelled train image. Other training settings come from ``train.*``.
+    Off by default.
+    """
+
+    finetune_fractions: list[int] = Field([], description="label fractions in % (from 5, 10, 20) to fine-tune with")
+    finetune_epochs: int = Field(5, ge=1)
+    finetune_base_lr: float | None = Field(None, gt=0, description="None = train.base_lr")
+    supervised: bool = Field(False, description="also a model trained on all labels of the base classes")
+    supervised_epochs: int | None = Field(None, ge=1, description="None = train.epochs")
+    fraction_seed: int = Field(0, description="seed of the label-fraction lists written when missing")
+
+    @field_validator("finetune_fractions")
+    @classmethod
+    def _known_fractions(cls, value: list[int]) -> list[int]:
+        unknown = [x for x in value if x not in LABEL_FRACTIONS]
+        if unknown:
+            raise ValueError(f"unknown label fraction(s) {unknown}: choose from {list(LABEL_FRACTIONS)} (% of labels)")
+        if len(set(value)) != len(value):
+            raise ValueError(f"a label fraction is listed twice in {value}")
+        return sorted(value)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.finetune_fractions) or self.supervised
+
+
 class RetrainConfig(_Section):
     """Retraining when new unlabeled images arrive (the scheduled ``retrain`` flow)."""
 
@@ -175,6 +210,7 @@ class PipelineConfig(_Section):
     pseudo: PseudoConfig = PseudoConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    compare: CompareConfig = CompareConfig()
     retrain: RetrainConfig = RetrainConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
@@ -182,6 +218,9 @@ class PipelineConfig(_Section):
     def _consistent(self) -> PipelineConfig:
         if self.train.mode == "finetune" and self.train.label_fraction is None:
             raise ValueError("train.label_fraction must be 5, 10 or 20 when train.mode is 'finetune'")
+        if self.compare.enabled and self.train.mode != "unsupervised":
+            raise ValueError("compare.* sets label-efficient models beside the run's unsupervised model: "
+                             "it needs train.mode=unsupervised")
         return self
 
     def section_key(self, *sections: str) -> str:

@@ -18,7 +18,7 @@ from fss_core.data.folds import (
     fold_split,
     scheme_for,
 )
-from fss_core.data.prepare import PrepareError, prepare_coco, prepare_lists, prepare_sbd
+from fss_core.data.prepare import PrepareError, prepare_coco, prepare_fraction_lists, prepare_lists, prepare_sbd
 
 # --------------------------------------------------------------------------- fold definitions
 
@@ -288,6 +288,21 @@ def test_fraction_lists_are_nested_and_reproducible_per_seed(tmp_path):
     assert [len(s) for s in subsets] == [len(train) // 10, len(train) // 5, len(train) // 2]
     assert subsets[0] <= subsets[1] <= subsets[2] <= train
     assert list_ids(tmp_path / "a" / "train_50.txt") != list_ids(tmp_path / "c" / "train_50.txt")
+
+
+def test_fraction_lists_alone_equal_those_of_prepare_lists_one_at_a_time(tmp_path):
+    root = tmp_path / "data"
+    make_labeled_voc(root, 50, num_classes=4, seed=2)
+    prepare_lists(root, "voc", tmp_path / "all", "generic", seed=7, min_area=MIN_AREA, num_classes=4,
+                  fractions=(0.05, 0.1, 0.2))
+    for fraction in (0.2, 0.05):
+        report = prepare_fraction_lists(root, "voc", tmp_path / "one", "generic", seed=7, fractions=(fraction,))
+        assert list(report.counts) == [f"train_{round(fraction * 100):d}"]
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["train_20.txt", "train_5.txt"]
+    for name in ("train_5.txt", "train_20.txt"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "all" / name).read_bytes()
+    with pytest.raises(ValueError, match="fractions"):
+        prepare_fraction_lists(root, "voc", tmp_path / "x", "generic", seed=7, fractions=(0.0,))
 
 
 def test_existing_split_lists_are_kept(tmp_path):

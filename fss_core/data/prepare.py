@@ -4,6 +4,7 @@
 - ``prepare_coco``: COCO 2014 instance json → one semantic PNG per image (0 = bg, 1..80).
 - ``prepare_lists``: train/val lists, per-fold lists and class → image indexes, and nested,
   seeded label-fraction subsets ``train_{5,10,20}.txt``.
+- ``prepare_fraction_lists``: only those label-fraction subsets (no label is read).
 """
 
 from __future__ import annotations
@@ -220,16 +221,10 @@ def prepare_lists(
     """
     root, out = Path(root), Path(out_dir)
     n_classes = num_classes_of(scheme, num_classes)
-    for x in fractions:
-        if not 0 < x <= 1:
-            raise ValueError(f"label fractions must lie in (0, 1], got {x}")
+    _check_fractions(fractions)
     rng = np.random.default_rng(seed)
     train, val = _train_val(root, layout, scheme, rng)
-    for record in (*train, *val):
-        if record.label_path is None:
-            raise PrepareError(
-                f"{record.image_path} has no label file; for COCO run the COCO preparation first"
-            )
+    _check_labelled((*train, *val))
 
     labeled = [*train, *val]
     log.info("reading %d labels for per-class areas", len(labeled))
@@ -251,6 +246,49 @@ def prepare_lists(
             _write_text(out / f"fold{fold}" / f"classes_{name}.json", index_json + "\n")
             counts[f"fold{fold}_{name}"] = len(chosen)
 
+    counts.update(_write_fraction_lists(root, out, train, rng, fractions))
+    return PrepareReport(out, counts)
+
+
+def prepare_fraction_lists(
+    root: str | os.PathLike,
+    layout: str,
+    out_dir: str | os.PathLike,
+    scheme: str,
+    seed: int,
+    fractions: tuple[float, ...] = (0.05, 0.10, 0.20),
+) -> PrepareReport:
+    """Only the label-fraction lists ``train_{pct}.txt`` of ``prepare_lists``, without reading labels.
+
+    Same root, layout, scheme and seed ⇒ the same files as ``prepare_lists`` writes, so lists
+    made one fraction at a time are nested like lists made together.
+    """
+    root, out = Path(root), Path(out_dir)
+    _check_fractions(fractions)
+    rng = np.random.default_rng(seed)
+    train, val = _train_val(root, layout, scheme, rng)
+    _check_labelled(train)
+    return PrepareReport(out, _write_fraction_lists(root, out, train, rng, fractions))
+
+
+def _check_fractions(fractions: tuple[float, ...]) -> None:
+    for x in fractions:
+        if not 0 < x <= 1:
+            raise ValueError(f"label fractions must lie in (0, 1], got {x}")
+
+
+def _check_labelled(records) -> None:
+    for record in records:
+        if record.label_path is None:
+            raise PrepareError(
+                f"{record.image_path} has no label file; for COCO run the COCO preparation first"
+            )
+
+
+def _write_fraction_lists(root: Path, out: Path, train: list[ImageRecord], rng: np.random.Generator,
+                          fractions: tuple[float, ...]) -> dict[str, int]:
+    """``train_{pct}.txt`` per fraction: the ⌊fraction·N⌋-prefixes of one seeded permutation."""
+    counts = {}
     order = rng.permutation(len(train))
     for x in fractions:
         size = math.floor(x * len(train) + 1e-9)  # guard against 0.1 * 30 = 2.9999…
@@ -258,7 +296,7 @@ def prepare_lists(
         name = f"train_{round(x * 100, 6):g}"
         _write_lines(out / f"{name}.txt", [_list_line(train[i], root) for i in subset])
         counts[name] = size
-    return PrepareReport(out, counts)
+    return counts
 
 
 def _train_val(
