@@ -123,6 +123,9 @@ class TrainConfig(_Section):
         ["layer2", "layer3"], min_length=1,
         description="backbone maps the adapters read; the reference's layer2+3 suit ImageNet ResNets")
     adapter_dropout: float = Field(0.5, ge=0, lt=1)
+    prototype_prior: bool = Field(
+        False, description="a second prior channel: cosine to the masked-average class prototype (not in the reference)")
+    prototype_prior_layers: list[Literal["layer2", "layer3", "layer4"]] = Field(["layer3", "layer4"], min_length=1)
     backbone: Literal["small_cnn", "resnet50", "moco_v2", "resnet50_v2", "dino_vits16", "dino_vitb8"] | None = Field(
         None, description="frozen FSS backbone; None = the extraction backbone (and its weights)")
     backbone_checkpoint: Path | None = None

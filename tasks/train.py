@@ -48,7 +48,8 @@ def model_spec(cfg: PipelineConfig, backbone: str) -> ModelSpec:
     return ModelSpec(backbone, t.image_size, FSSModelConfig(
         hidden=t.hidden, heads=t.heads, layers=t.layers, ffn=t.ffn, fg_prototypes=t.fg_prototypes,
         bg_prototypes=t.bg_prototypes, support_self_attention=t.support_self_attention,
-        adapter_layers=tuple(t.adapter_layers), adapter_dropout=t.adapter_dropout))
+        adapter_layers=tuple(t.adapter_layers), adapter_dropout=t.adapter_dropout,
+        prototype_prior=t.prototype_prior, prototype_prior_layers=tuple(t.prototype_prior_layers)))
 
 
 def fss_backbone(cfg: PipelineConfig, extraction: BackboneRef) -> tuple[str, str | None]:

@@ -404,3 +404,32 @@ def test_a_few_steps_overfit_one_episode():
         optimiser.step()
     after = eval_loss()
     assert after < 0.5 * before
+
+
+def test_prototype_prior_is_the_normalised_cosine_to_the_class_prototype():
+    from fss_core.models.fss.network import prototype_prior
+
+    # 1 x 3 query grid; support: one shot whose fg cells hold e0 and e1, so the prototype is
+    # their normalised mean (e0 + e1)/sqrt(2).
+    e = torch.eye(3)
+    query = torch.stack([e[0], (e[0] + e[1]) / math.sqrt(2), e[2]], dim=1).view(1, 3, 1, 3)
+    support = torch.stack([e[0], e[1], e[2]], dim=1).view(1, 1, 3, 1, 3)
+    mask = torch.tensor([1.0, 1.0, 0.0]).view(1, 1, 1, 1, 3)
+    valid = torch.ones(1, 1, 1, 3, dtype=torch.bool)
+    prior = prototype_prior(query, support, mask, valid).flatten()
+    # cosines: 1/sqrt(2), 1, 0 → min-max: 1/sqrt(2), 1, 0
+    assert torch.allclose(prior, torch.tensor([1 / math.sqrt(2), 1.0, 0.0]), atol=1e-5)
+    # a padding cell is 0 and does not set the minimum
+    valid[..., 2] = False
+    prior = prototype_prior(query, support, mask, valid).flatten()
+    assert torch.allclose(prior, torch.tensor([0.0, 1.0, 0.0]), atol=1e-5)
+
+
+def test_prototype_prior_adds_one_merge_input_and_runs():
+    model = make_model(prototype_prior=True)
+    assert model.query_merge[0].in_channels == 2 * TINY.hidden + 2
+    query, support, masks, _ = toy_episode(2)
+    logits = model(query, support, masks, generator=torch.Generator().manual_seed(0))
+    assert logits.shape == (2, 2, 33, 33) and torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="prototype_prior_layers"):
+        FSSModelConfig(prototype_prior_layers=("layer9",))

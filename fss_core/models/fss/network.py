@@ -38,6 +38,8 @@ class FSSModelConfig:
     support_self_attention: bool = False
     adapter_layers: tuple[str, ...] = ("layer2", "layer3")
     adapter_dropout: float = 0.5
+    prototype_prior: bool = False
+    prototype_prior_layers: tuple[str, ...] = ("layer3", "layer4")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapter_layers", tuple(self.adapter_layers))
@@ -46,6 +48,13 @@ class FSSModelConfig:
             raise ValueError(
                 f"FSSModelConfig.adapter_layers must be distinct names among {FEATURE_LAYERS}, "
                 f"got {list(self.adapter_layers)}"
+            )
+        object.__setattr__(self, "prototype_prior_layers", tuple(self.prototype_prior_layers))
+        unknown = [name for name in self.prototype_prior_layers if name not in FEATURE_LAYERS]
+        if not self.prototype_prior_layers or unknown:
+            raise ValueError(
+                f"FSSModelConfig.prototype_prior_layers must be names among {FEATURE_LAYERS}, "
+                f"got {list(self.prototype_prior_layers)}"
             )
         if not 0.0 <= self.adapter_dropout < 1.0:
             raise ValueError(f"FSSModelConfig.adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
@@ -104,6 +113,39 @@ def prior_mask(query: torch.Tensor, support: torch.Tensor, support_mask: torch.T
     return torch.stack(priors).mean(0).view(batch, 1, h, w)
 
 
+def prototype_prior(
+    query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor, query_valid: torch.Tensor
+) -> torch.Tensor:
+    """Cosine similarity of each query cell to the class prototype, min-max normalised.
+
+    The prototype is the masked average of the (unit-normalised) support features of each shot,
+    averaged over the shots: one vector for the whole class, so unlike :func:`prior_mask` a
+    single noisy support pixel cannot light up the query.
+
+    Args:
+        query: ``[B, C, h, w]`` unit-normalised along C.
+        support: ``[B, S, C, h, w]`` unit-normalised along C.
+        support_mask: ``[B, S, 1, h, w]`` soft fg mask.
+        query_valid: ``[B, 1, h, w]`` bool, False at padding cells (excluded from the min-max,
+            set to 0).
+
+    Returns:
+        ``[B, 1, h, w]`` in [0, 1].
+    """
+    prototypes = (support * support_mask).sum((3, 4)) / support_mask.sum((3, 4)).clamp_min(GAP_EPS)  # [B, S, C]
+    prototype = F.normalize(prototypes.mean(1), dim=1)  # [B, C]
+    cosine = torch.einsum("bchw,bc->bhw", query, prototype)[:, None]
+    low = torch.where(query_valid, cosine, torch.inf).amin((2, 3), keepdim=True)
+    high = torch.where(query_valid, cosine, -torch.inf).amax((2, 3), keepdim=True)
+    return torch.where(query_valid, (cosine - low) / (high - low).clamp_min(COSINE_EPS), 0.0)
+
+
+def _unit_features(features: dict[str, torch.Tensor], layers: tuple[str, ...]) -> torch.Tensor:
+    """Each layer L2-normalised along channels, concatenated, normalised again (a cosine on the
+    result is the mean of the per-layer cosines)."""
+    return F.normalize(torch.cat([F.normalize(features[name], dim=1) for name in layers], dim=1), dim=1)
+
+
 def _adapter(in_channels: int, hidden: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, hidden, kernel_size=1, bias=False),
@@ -147,7 +189,8 @@ class FSSNetwork(nn.Module):
         mid_channels = sum(backbone.channels[name] for name in self.config.adapter_layers)
         self.query_adapter = _adapter(mid_channels, hidden, self.config.adapter_dropout)
         self.support_adapter = _adapter(mid_channels, hidden, self.config.adapter_dropout)
-        self.query_merge = _merge(2 * hidden + 1, hidden)
+        priors = 2 if self.config.prototype_prior else 1
+        self.query_merge = _merge(2 * hidden + priors, hidden)
         self.support_merge = _merge(2 * hidden, hidden)
         self.transformer = ProtoTransformer(
             dim=hidden,
@@ -259,8 +302,17 @@ class FSSNetwork(nn.Module):
             support_feats[PRIOR_LAYER].view(batch, shots, -1, *size),
             soft_mask.view(batch, shots, 1, *size),
         )
+        priors = [prior]
+        if self.config.prototype_prior:
+            layers = self.config.prototype_prior_layers
+            priors.append(prototype_prior(
+                _unit_features(query_feats, layers),
+                _unit_features(support_feats, layers).view(batch, shots, -1, *size),
+                soft_mask.view(batch, shots, 1, *size),
+                ~_downsample_bool(query_padding, size)[:, None],
+            ))
         query = self.query_merge(
-            torch.cat([query, mean_prototype.expand(-1, -1, *size), prior.to(query.dtype)], dim=1)
+            torch.cat([query, mean_prototype.expand(-1, -1, *size), *(p.to(query.dtype) for p in priors)], dim=1)
         )
         support = self.support_merge(torch.cat([support, shot_prototypes.expand(-1, -1, *size)], dim=1))
 
