@@ -44,9 +44,15 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Overri
 WorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace folder.")]
 
 
+NOISY_LOGGERS = ("httpx", "httpcore", "distributed", "alembic", "urllib3", "mlflow")
+
+
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:  # one line per HTTP request or Dask connection buries the progress bars
+        for chatty in NOISY_LOGGERS:
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     if not debugging():
         hide_tracebacks_in_terminal_logs()
 
