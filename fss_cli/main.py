@@ -47,7 +47,10 @@ WorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w", help=
 NOISY_LOGGERS = ("httpx", "httpcore", "distributed", "alembic", "urllib3", "mlflow")
 
 
-def _setup_logging(verbose: bool = False) -> None:
+def _setup_logging(verbose: bool | None = None) -> None:
+    """INFO logging to the terminal; ``verbose`` (default: ``FSS_DEBUG`` set) is DEBUG with
+    every library's messages."""
+    verbose = debugging() if verbose is None else verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not verbose:  # one line per HTTP request or Dask connection buries the progress bars

@@ -103,3 +103,20 @@ def test_cli_creates_a_missing_prefect_home(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert home.is_dir()
+
+
+def test_cli_logging_hides_library_chatter_unless_debugging(monkeypatch):
+    import logging
+
+    from fss_cli import main
+
+    monkeypatch.delenv("FSS_DEBUG", raising=False)
+    for name in main.NOISY_LOGGERS:
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+    main._setup_logging()
+    assert logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING  # no line per HTTP request
+    assert logging.getLogger("fss_core").level == logging.NOTSET  # our own messages follow the root (INFO)
+    logging.getLogger("httpx").setLevel(logging.NOTSET)
+    monkeypatch.setenv("FSS_DEBUG", "1")
+    main._setup_logging()
+    assert logging.getLogger("httpx").level == logging.NOTSET
