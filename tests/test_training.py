@@ -165,6 +165,15 @@ def test_optimisers_split_parameters_and_keep_the_backbone_out():
 # ---------------------------------------------------------------- training
 
 
+def test_validation_builds_no_autograd_graph_and_restores_train_mode():
+    model = make_model(seed=1).train()
+    grad_modes = []
+    model.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    validate(model, ToyEpisodes(4, shots=1, seed=3), 2, torch.device("cpu"), seed=0)
+    assert grad_modes and not any(grad_modes)  # no graph kept for episodes that are only scored
+    assert model.training
+
+
 def test_training_lowers_the_loss_and_follows_the_schedule(tmp_path):
     model = make_model(seed=1)
     data = ToyEpisodes(8, shots=2, seed=1)

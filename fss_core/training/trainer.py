@@ -33,6 +33,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio variant opens an extra DataL
 
 from fss_core.data.episodes import EpisodeBatch, collate_episodes
 from fss_core.data.images import IGNORE_LABEL
+from fss_core.data.prefetch import prefetched
 from fss_core.models.fss import dice_loss
 from fss_core.training.checkpoint import (
     load_checkpoint,
@@ -152,13 +153,13 @@ def _forward(model: nn.Module, batch: EpisodeBatch, dtype: torch.dtype | None, c
     return logits.float()
 
 
-@torch.no_grad()
 def _worker_context(num_workers: int) -> str | None:
     """Loader workers are spawned, not forked: training runs inside threaded processes (Dask
     workers, Prefect), and forking a process that holds threads can crash the child."""
     return "spawn" if num_workers > 0 else None
 
 
+@torch.no_grad()
 def validate(
     model: nn.Module,
     dataset: Dataset,
@@ -287,7 +288,9 @@ def train(
                             multiprocessing_context=_worker_context(settings.num_workers))
         model.train()
         loss_sum, sgd_lr = 0.0, 0.0
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{settings.epochs}",
+        # without loader processes, a thread prepares the next batches while the model computes
+        batches = prefetched(loader) if settings.num_workers == 0 else loader
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{settings.epochs}",
                    disable=not progress, leave=False)
         for batch in bar:
             global_it += 1
