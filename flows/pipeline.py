@@ -21,7 +21,7 @@ from tasks.extract import extract_finish_task, extract_prepare_task, extract_sha
 from tasks.ingest import ingest_task
 from tasks.pseudo import pseudo_finish_task, pseudo_prepare_task, pseudo_shard_task
 from tasks.task_index import task_index_task
-from tasks.evaluate import evaluate_task
+from tasks.evaluate import evaluate_fold_task, evaluate_task
 from tasks.register import register_task
 from tasks.train import train_task
 from tasks.tracking import pipeline_run
@@ -91,6 +91,11 @@ def stages(config: dict, parent_run_id: str | None = None, warm_start: bool = Fa
                        for spec in data.specs]
         results["compare"] = compared = [f.result() for f in futures]
 
+    # folds in parallel on the workers; the evaluate task then gathers them into the table
+    per_fold = evaluate_fold_task.map(cfg, unmapped(trained), unmapped(plan.backbone), config["evaluate"]["folds"],
+                                      unmapped(compared))
+    show_progress(per_fold, "evaluate (folds)", config, unit="fold")
+    results["evaluated_results"] = sum(f.result() for f in per_fold)  # a failed fold raises here
     results["evaluate"] = evaluation = evaluate_task.submit(config, trained, plan.backbone, parent_run_id,
                                                             compared).result()
     if stop < 7:
@@ -100,12 +105,12 @@ def stages(config: dict, parent_run_id: str | None = None, warm_start: bool = Fa
     return results
 
 
-def show_progress(futures: list, desc: str, config: dict) -> None:
+def show_progress(futures: list, desc: str, config: dict, unit: str = "shard") -> None:
     """A progress bar over mapped tasks as they finish (they run on Dask workers, whose own
     output does not reach this terminal)."""
     if not futures or not config["runtime"].get("progress", True):
         return
-    with tqdm(total=len(futures), desc=desc, unit="shard") as bar:
+    with tqdm(total=len(futures), desc=desc, unit=unit) as bar:
         for _ in as_completed(futures):
             bar.update()
 

@@ -140,6 +140,58 @@ class _Method:
         return self._built
 
 
+def _methods_to_evaluate(cfg: PipelineConfig, trained: TrainOutcome, extraction: BackboneRef,
+                         compared: Sequence[ComparedModel]) -> list[_Method]:
+    """The trained model and the baseline on every fold, each comparison model on its own fold."""
+    device = device_for(cfg)
+
+    def model(bundle: str) -> Callable[[], tuple[Predictor, int]]:
+        def build():
+            net, spec = load_bundle(bundle)
+            return ModelPredictor(net, device), spec.image_size
+        return build
+
+    def baseline():
+        name, ckpt = fss_backbone(cfg, extraction)
+        backbone = build_backbone(name, checkpoint=ckpt)
+        backbone.freeze()
+        _, size = methods[0].predictor()  # the baseline sees images at the trained model's size
+        return PrototypeBaseline(backbone, threshold=cfg.evaluate.baseline_threshold, device=device), size
+
+    folds = list(cfg.evaluate.folds)
+    methods = [_Method(trained.mode, folds, trained.build_key, model(trained.bundle), True)]
+    methods += [_Method(c.method, [c.fold], c.trained.build_key, model(c.trained.bundle), True)
+                for c in sorted(compared, key=lambda c: (method_order(c.method), c.fold))]
+    methods.append(_Method("baseline", folds, trained.build_key, baseline, False))
+    return methods
+
+
+def _result_folder(cfg: PipelineConfig, method: _Method, fold: int, shots: int) -> Path:
+    return (workspace_of(cfg).evaluation / build_key("evaluate", cfg, method.model_key) / method.name
+            / f"fold{fold}" / f"{shots}shot")
+
+
+def run_evaluate_fold(cfg: PipelineConfig, trained: TrainOutcome, extraction: BackboneRef, fold: int,
+                      compared: Sequence[ComparedModel] = ()) -> int:
+    """Compute every missing result of one fold (all methods and shot counts) into its folder,
+    so folds can run in parallel before :func:`run_evaluate` gathers them. Returns how many
+    results were computed (0 when all were there)."""
+    val = records(cfg, "val")
+    if not val:
+        return 0
+    methods = [m for m in _methods_to_evaluate(cfg, trained, extraction, compared) if fold in m.folds]
+    split = fold_split(cfg.data.fold_scheme, fold, dataset_num_classes(cfg))
+    n_episodes = cfg.evaluate.episodes or default_episodes(cfg.data.fold_scheme)
+    computed = 0
+    for shots in cfg.evaluate.shots:
+        for method in methods:
+            folder = _result_folder(cfg, method, fold, shots)
+            if not (folder / METRICS_FILE).is_file():
+                _evaluated(cfg, method, folder, val, split, shots, n_episodes)
+                computed += 1
+    return computed
+
+
 def run_evaluate(cfg: PipelineConfig, trained: TrainOutcome, extraction: BackboneRef,
                  parent_run_id: str | None = None, compared: Sequence[ComparedModel] = ()) -> EvaluationSummary:
     """Evaluate the trained model and the baseline on every fold in ``evaluate.folds``, and each
@@ -162,25 +214,7 @@ def run_evaluate(cfg: PipelineConfig, trained: TrainOutcome, extraction: Backbon
     if not val:
         log.warning("evaluate: no labelled images in the val split; only pseudo-task validation is available")
         return EvaluationSummary(key, [], "no labelled val images: not evaluated", cached=False)
-    device = device_for(cfg)
-
-    def model(bundle: str) -> Callable[[], tuple[Predictor, int]]:
-        def build():
-            net, spec = load_bundle(bundle)
-            return ModelPredictor(net, device), spec.image_size
-        return build
-
-    def baseline():
-        name, ckpt = fss_backbone(cfg, extraction)
-        backbone = build_backbone(name, checkpoint=ckpt)
-        backbone.freeze()
-        _, size = methods[0].predictor()  # the baseline sees images at the trained model's size
-        return PrototypeBaseline(backbone, threshold=e.baseline_threshold, device=device), size
-
-    methods = [_Method(trained.mode, list(e.folds), trained.build_key, model(trained.bundle), True)]
-    methods += [_Method(c.method, [c.fold], c.trained.build_key, model(c.trained.bundle), True)
-                for c in sorted(compared, key=lambda c: (method_order(c.method), c.fold))]
-    methods.append(_Method("baseline", list(e.folds), trained.build_key, baseline, False))
+    methods = _methods_to_evaluate(cfg, trained, extraction, compared)
     n_classes = dataset_num_classes(cfg)
     n_episodes = e.episodes or default_episodes(cfg.data.fold_scheme)
     rows = []
@@ -191,8 +225,7 @@ def run_evaluate(cfg: PipelineConfig, trained: TrainOutcome, extraction: Backbon
             split = fold_split(cfg.data.fold_scheme, fold, n_classes)
             for shots in e.shots:
                 for method in (m for m in methods if fold in m.folds):
-                    folder = ws.evaluation / build_key("evaluate", cfg, method.model_key) / method.name \
-                        / f"fold{fold}" / f"{shots}shot"
+                    folder = _result_folder(cfg, method, fold, shots)
                     m = _evaluated(cfg, method, folder, val, split, shots, n_episodes)
                     row = EvalRow(method.name, fold, shots, m["miou"], m["miou_std"], m["fbiou"], m["fbiou_std"],
                                   [s["miou"] for s in m["seeds"]], str(folder))
@@ -232,6 +265,12 @@ def _evaluated(cfg: PipelineConfig, method: _Method, folder: Path, val, split, s
     min_area = max(1, round(cfg.pseudo.min_area * (size / cfg.pseudo.area_reference) ** 2))
     return run_protocol(predictor, val, split, shots, n_episodes, e.seeds, size, min_area, folder,
                         n_overlays=e.overlays if method.overlays else 0, progress=cfg.runtime.progress)
+
+
+@task(name="evaluate-fold", task_run_name="evaluate-fold{fold}")
+def evaluate_fold_task(config: dict, trained: TrainOutcome, extraction: BackboneRef, fold: int,
+                       compared: Sequence[ComparedModel] = ()) -> int:
+    return run_evaluate_fold(PipelineConfig.model_validate(config), trained, extraction, fold, list(compared))
 
 
 @task(name="evaluate")

@@ -42,6 +42,7 @@ def test_first_run_builds_every_stage(workspace):
     rows = r["evaluate"].rows
     assert {row.method for row in rows} == {"unsupervised", "baseline"}
     assert all(0.0 <= row.miou <= 1.0 for row in rows)
+    assert r["evaluated_results"] == len(rows)  # computed by the per-fold tasks, gathered by evaluate
     _assert_tracked(workspace)
 
 
@@ -68,7 +69,7 @@ def _assert_tracked(workspace):
 def test_unchanged_rerun_recomputes_nothing(workspace):
     before = _mtime(workspace / "embeddings.zarr"), _mtime(workspace / "pseudo_masks")
     r = _run(workspace)
-    assert r["ingest"].added == 0 and r["extracted"] == 0
+    assert r["ingest"].added == 0 and r["extracted"] == 0 and r["evaluated_results"] == 0
     assert r["cluster"].cached and r["task_index"].cached and r["train"].cached and r["evaluate"].cached
     assert (_mtime(workspace / "embeddings.zarr"), _mtime(workspace / "pseudo_masks")) == before
 
