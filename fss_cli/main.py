@@ -56,6 +56,8 @@ def _setup_logging(verbose: bool | None = None) -> None:
     if not verbose:  # one line per HTTP request or Dask connection buries the progress bars
         for chatty in NOISY_LOGGERS:
             logging.getLogger(chatty).setLevel(logging.WARNING)
+        # distributed sets its own level when imported (here and in every worker): tell it by config
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     if not debugging():
         hide_tracebacks_in_terminal_logs()
 

@@ -107,15 +107,18 @@ def test_cli_creates_a_missing_prefect_home(tmp_path):
 
 def test_cli_logging_hides_library_chatter_unless_debugging(monkeypatch):
     import logging
+    import os
 
     from fss_cli import main
 
     monkeypatch.delenv("FSS_DEBUG", raising=False)
+    monkeypatch.delenv("DASK_LOGGING__DISTRIBUTED", raising=False)
     for name in main.NOISY_LOGGERS:
         monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
     main._setup_logging()
     assert logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING  # no line per HTTP request
     assert logging.getLogger("fss_core").level == logging.NOTSET  # our own messages follow the root (INFO)
+    assert os.environ["DASK_LOGGING__DISTRIBUTED"] == "warning"  # read by distributed when it is imported
     logging.getLogger("httpx").setLevel(logging.NOTSET)
     monkeypatch.setenv("FSS_DEBUG", "1")
     main._setup_logging()
