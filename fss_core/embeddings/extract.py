@@ -18,7 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -48,6 +50,7 @@ from storage_schemas.stores import IMAGES_PER_BLOCK
 log = logging.getLogger(__name__)
 
 SIZE_MULTIPLE = 8  # both resized sides are floored to a multiple of 8, as in the reference
+PREFETCH_BATCHES = 2  # batches decoded ahead of the forward pass
 NORMALISATION = Normalisation(mean=tuple(255 * m for m in IMAGENET_MEAN), std=tuple(255 * s for s in IMAGENET_STD))
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -80,13 +83,25 @@ def embed_batch(backbone: Backbone, batch: torch.Tensor, device: str | torch.dev
     reduced-precision autocast where the hardware does it natively (:func:`autocast_dtype`);
     the output is normalised in float32 either way. On CUDA the batch is fed channels-last.
     """
+    return normalised(backbone_features(backbone, batch, device, amp))
+
+
+def backbone_features(backbone: Backbone, batch: torch.Tensor, device: str | torch.device = "cpu",
+                      amp: bool = False) -> torch.Tensor:
+    """The forward pass of :func:`embed_batch` alone: canvases ``[B, 3, L, L]`` → the backbone's
+    ``embedding_layer`` map ``[B, C, G, G]`` on ``device``, in the autocast dtype, not normalised."""
     device = torch.device(device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     x = batch.to(device, non_blocking=True).contiguous(memory_format=memory_format)
     dtype = autocast_dtype(device) if amp else None
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        features = backbone(x)[backbone.embedding_layer]
-    return F.normalize(features.float(), dim=1).cpu()
+        return backbone(x)[backbone.embedding_layer]
+
+
+def normalised(features: torch.Tensor) -> torch.Tensor:
+    """Backbone features ``[B, C, G, G]`` → float32 on the CPU with unit L2 norm over channels."""
+    with torch.inference_mode():
+        return F.normalize(features.float(), dim=1).cpu()
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -292,7 +307,8 @@ def extract_rows(
     ``rows`` is a contiguous run starting on a shard boundary and ending on one (or at the
     store's end), so no other writer touches its shards. Rows already ``done`` are skipped;
     the others are computed shard by shard, writing ``features``, ``valid_hw`` and
-    ``image_hw`` first and ``done`` last. ``projection`` (None: the store's own, when it was
+    ``image_hw`` first and ``done`` last. The forward pass runs on the calling thread while one
+    thread decodes the next batches and another writes the previous ones (in order, one at a time). ``projection`` (None: the store's own, when it was
     built with ``pca``) maps the embeddings to the stored width. ``amp``: reduced-precision
     autocast where the hardware has it (see :func:`embed_batch`; the stored float16 loses more).
     """
@@ -317,43 +333,113 @@ def extract_rows(
         return 0
 
     backbone = _on_device(backbone, device)
+    blocks = [[r for r in todo if r in block] for block in shard_blocks(n, unit)]
+    blocks = [b for b in blocks if b]
+    batches = [b[start : start + batch_size] for b in blocks for start in range(0, len(b), batch_size)]
     start_time = time.perf_counter()
     bar = tqdm(total=len(todo), desc="extract", unit="img", disable=not progress)
-    for block in shard_blocks(n, unit):
-        block_todo = [r for r in todo if r in block]
-        if not block_todo:
-            continue
-        out = np.empty((len(block_todo), channels, grid, grid), dtype=np.float16)
-        sizes = np.empty((len(block_todo), 2, 2), dtype=np.int32)  # (image_hw, valid_hw) per row
-        for start in range(0, len(block_todo), batch_size):
-            batch_rows = block_todo[start : start + batch_size]
-            canvases, geometries = [], []
-            for r in batch_rows:
-                canvas, geometry = preprocess(load_rgb(path_of[r]), long_side)
-                canvases.append(canvas)
-                geometries.append(geometry)
-            embedded = embed_batch(backbone, torch.stack(canvases), device, amp)
-            if projection is not None:
-                embedded = projection.apply(embedded)
-            if embedded.shape[1:] != (channels, grid, grid):
-                raise ValueError(f"embeddings store {store_path} holds [{channels}, {grid}, {grid}] features; "
-                                 f"the backbone gives {list(embedded.shape[1:])}")
-            out[start : start + len(batch_rows)] = embedded.numpy()
-            for i, geometry in enumerate(geometries, start):
-                sizes[i] = (geometry.orig_h, geometry.orig_w), valid_cells(geometry, stride, grid)
-            bar.update(len(batch_rows))
-        for lo, hi in _runs(block_todo):
-            offset = block_todo.index(lo)
-            features[lo:hi] = out[offset : offset + hi - lo]
-            group["image_hw"][lo:hi] = sizes[offset : offset + hi - lo, 0]
-            group["valid_hw"][lo:hi] = sizes[offset : offset + hi - lo, 1]
-        for lo, hi in _runs(block_todo):  # done last: a row is never marked done before its features exist
-            group["done"][lo:hi] = True
+    # The forward pass runs here while one thread decodes the next batches and another
+    # normalises and writes the previous ones: the backbone never waits for work another core can do.
+    loader = ThreadPoolExecutor(1, thread_name_prefix="extract-load")
+    writer = _OrderedWriter(max_pending=PREFETCH_BATCHES)
+    try:
+        loads = deque(loader.submit(_load_batch, [path_of[r] for r in b], long_side)
+                      for b in batches[:PREFETCH_BATCHES])
+        next_batch = len(loads)
+        for block_todo in blocks:
+            sizes = np.empty((len(block_todo), 2, 2), dtype=np.int32)  # (image_hw, valid_hw) per row
+            for start in range(0, len(block_todo), batch_size):
+                batch_rows = block_todo[start : start + batch_size]
+                canvases, geometries = loads.popleft().result()
+                if next_batch < len(batches):
+                    loads.append(loader.submit(_load_batch, [path_of[r] for r in batches[next_batch]], long_side))
+                    next_batch += 1
+                computed = backbone_features(backbone, canvases, device, amp)
+                stored_channels = projection.dim if projection is not None else computed.shape[1]
+                if (stored_channels, *computed.shape[2:]) != (channels, grid, grid):
+                    raise ValueError(f"embeddings store {store_path} holds [{channels}, {grid}, {grid}] features; "
+                                     f"the backbone gives {[stored_channels, *computed.shape[2:]]}")
+                for i, geometry in enumerate(geometries, start):
+                    sizes[i] = (geometry.orig_h, geometry.orig_w), valid_cells(geometry, stride, grid)
+                writer.submit(_write_rows, features, batch_rows, computed, projection)
+                bar.update(len(batch_rows))
+            writer.submit(_finish_block, group, block_todo, sizes)
+        writer.wait()
+    finally:
+        loader.shutdown(wait=True, cancel_futures=True)
+        writer.close()
     bar.close()
     elapsed = time.perf_counter() - start_time
     log.info("extracted %d images of rows %d-%d in %.1f s (%.1f img/s)", len(todo), rows[0], rows[-1],
              elapsed, len(todo) / max(elapsed, 1e-9))
     return len(todo)
+
+
+def _load_batch(paths: Sequence[str | os.PathLike], long_side: int) -> tuple[torch.Tensor, list[PadGeometry]]:
+    """Decode and preprocess images: (canvases ``[B, 3, L, L]``, their geometries)."""
+    loaded = [preprocess(load_rgb(p), long_side) for p in paths]
+    return torch.stack([canvas for canvas, _ in loaded]), [geometry for _, geometry in loaded]
+
+
+def _write_rows(features: zarr.Array, rows: list[int], computed: torch.Tensor,
+                projection: Projection | None) -> None:
+    """Backbone features of ``rows`` → normalised, projected, float16 → ``features[rows]``."""
+    embedded = normalised(computed)
+    if projection is not None:
+        embedded = projection.apply(embedded)
+    values = embedded.numpy().astype(np.float16)
+    for lo, hi in _runs(rows):
+        offset = rows.index(lo)
+        features[lo:hi] = values[offset : offset + hi - lo]
+
+
+def _finish_block(group: zarr.Group, block_todo: list[int], sizes: np.ndarray) -> None:
+    """After a shard's features: its rows' sizes, then ``done`` last, so a row is never marked
+    done before its features exist."""
+    runs = _runs(block_todo)
+    for lo, hi in runs:
+        offset = block_todo.index(lo)
+        group["image_hw"][lo:hi] = sizes[offset : offset + hi - lo, 0]
+        group["valid_hw"][lo:hi] = sizes[offset : offset + hi - lo, 1]
+    for lo, hi in runs:
+        group["done"][lo:hi] = True
+
+
+class _OrderedWriter:
+    """Store writes run one at a time, in submission order, on a background thread.
+
+    Once a write fails, the later ones are skipped (a shard's ``done`` is never written after
+    its features were lost) and the first error is raised by :meth:`submit` or :meth:`wait`.
+    At most ``max_pending`` writes wait: :meth:`submit` blocks beyond that, bounding memory.
+    """
+
+    def __init__(self, max_pending: int):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="extract-write")
+        self._pending: deque = deque()
+        self._max_pending = max_pending
+        self._failed = False
+
+    def _run(self, fn, *args) -> None:
+        if self._failed:
+            return
+        try:
+            fn(*args)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def submit(self, fn, *args) -> None:
+        self._pending.append(self._pool.submit(self._run, fn, *args))
+        while len(self._pending) > self._max_pending:
+            self._pending.popleft().result()
+
+    def wait(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        self._failed = True  # after an error elsewhere, queued writes are dropped, not run
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_rows(rows: list[int], n: int, unit: int, where: str | os.PathLike) -> None:
