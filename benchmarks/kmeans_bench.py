@@ -1,12 +1,14 @@
-"""k-means benchmark: our Dask k-means against sklearn KMeans(n_init=1) and dask-ml KMeans.
+"""k-means benchmark: our Dask k-means against sklearn KMeans(n_init=1), MiniBatchKMeans and dask-ml KMeans.
 
 Every method runs in the same process, on the same data and cores; wall time covers the fit only
 (a LocalCluster is started before the clock). Inertia is recomputed exactly (float64) on the full
-data from each method's centroids. The table goes to the "k-means" section of docs/benchmarks.md.
+data from each method's centroids; a time is compared "at equal inertia" only where the inertia is
+within 0.5 % of sklearn KMeans'. The table goes to the "k-means" section of docs/benchmarks.md.
 
     python benchmarks/kmeans_bench.py                       # 2M x 64, K = 32: uniform + 32 blobs
     python benchmarks/kmeans_bench.py --synthetic 2000      # plus features extracted from synthetic images
     python benchmarks/kmeans_bench.py --zarr WS/embeddings.zarr   # plus any embeddings store
+    python benchmarks/kmeans_bench.py --quick               # 100k x 32, K = 8, features of 64 images
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import datetime
 import logging
 import os
 import platform
-import re
 import shlex
 import sys
 import time
@@ -28,14 +29,17 @@ import dask
 import dask.array as da
 import numpy as np
 from distributed import Client, LocalCluster
-from sklearn.cluster import KMeans
+from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.datasets import make_blobs
 
 from fss_core.clustering import kmeans_fit, valid_vectors
+from harness import cpu_name, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 NUMPY_ROWS = 250_000  # dask-ml block rows
 DASK_ML_MAX_ITER = 30  # dask-ml's k-means|| + Lloyd can run for minutes; capped, its time is a lower bound
+MINIBATCH_ROWS = 4096  # MiniBatchKMeans batch_size (sklearn's default 1024 converges to a worse inertia)
+EQUAL_INERTIA = 0.005  # "equal inertia": within 0.5 % of sklearn KMeans'
 
 
 def exact_inertia(x: np.ndarray, centroids: np.ndarray, rows: int = 65_536) -> float:
@@ -112,6 +116,11 @@ def run_methods(name: str, x: np.ndarray, lazy: da.Array | None, args, client: C
             return result.centroids, result.n_iter
         return fit
 
+    def minibatch_fit():
+        model = MiniBatchKMeans(n_clusters=args.k, batch_size=MINIBATCH_ROWS, n_init=1,
+                                random_state=args.seed).fit(x)
+        return model.cluster_centers_, model.n_steps_
+
     def dask_ml_fit():
         from dask_ml.cluster import KMeans as DaskMLKMeans
         xd = da.from_array(x, chunks=(NUMPY_ROWS, -1))
@@ -119,6 +128,7 @@ def run_methods(name: str, x: np.ndarray, lazy: da.Array | None, args, client: C
         return model.cluster_centers_, model.n_iter_
 
     record("sklearn KMeans(n_init=1)", sklearn_fit)
+    record(f"sklearn MiniBatchKMeans(batch_size={MINIBATCH_ROWS})", minibatch_fit)
     with dask.config.set(scheduler="threads"):
         record("ours, threaded scheduler", ours(x, None))
         if lazy is not None:
@@ -135,23 +145,10 @@ def run_methods(name: str, x: np.ndarray, lazy: da.Array | None, args, client: C
     return rows
 
 
-def cpu_name() -> str:
-    """The CPU model, from /proc/cpuinfo where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def markdown(rows: list[dict], args, load_before: tuple, load_after: tuple) -> str:
-    """The "k-means" section of docs/benchmarks.md."""
+    """The body of the "k-means" section of docs/benchmarks.md."""
     command = "python benchmarks/kmeans_bench.py " + shlex.join(sys.argv[1:])
     lines = [
-        "## k-means",
-        "",
         f"Run {datetime.date.today().isoformat()} on {os.cpu_count()} cores ({cpu_name()}, {platform.system()}); "
         f"1-minute load average {load_before[0]:.1f} before and {load_after[0]:.1f} after "
         "(other jobs shared the cores, so absolute times are inflated; compare within the table).",
@@ -165,21 +162,29 @@ def markdown(rows: list[dict], args, load_before: tuple, load_after: tuple) -> s
         "the inertia by < 1e-4; \"streamed from zarr\" "
         "reads and decodes the float16 store in every pass (plus once for the init sample) instead of "
         f"holding the array in memory. dask-ml (k-means||) is capped at {DASK_ML_MAX_ITER} iterations, "
-        "so its time is a lower bound. Iterations: Lloyd iterations over the full data (ours: Dask passes; "
-        "the steps on the init sample are not counted).",
+        "so its time is a lower bound. MiniBatchKMeans: k-means++, one init, its default stopping (no "
+        "improvement in 10 mini-batches); its iterations are mini-batch steps. Iterations: Lloyd iterations over "
+        "the full data (ours: Dask passes; the steps on the init sample are not counted). *equal inertia*: "
+        f"within {100 * EQUAL_INERTIA:.1f} % of sklearn KMeans' inertia; only then is a time ratio a like-for-like "
+        "comparison.",
         "",
-        "| method | data | wall s | iterations | inertia | time / sklearn | inertia / sklearn |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| method | data | wall s | iterations | inertia | time / sklearn | inertia / sklearn | equal inertia |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        equal = "yes" if r["inertia_ratio"] <= 1 + EQUAL_INERTIA else "no"
         lines.append(f"| {r['method']} | {r['data']} | {r['wall']:.2f} | {r['n_iter']} | {r['inertia']:.6g} "
-                     f"| {r['time_ratio']:.2f} | {r['inertia_ratio']:.4f} |")
+                     f"| {r['time_ratio']:.2f} | {r['inertia_ratio']:.4f} | {equal} |")
     lines += ["", "Targets (ours = threaded scheduler, the default when no client is given):", ""]
     for data in dict.fromkeys(r["data"] for r in rows):
         by = {r["method"]: r for r in rows if r["data"] == data}
         ours = by["ours, threaded scheduler"]
         line = (f"- {data}: ours takes {ours['time_ratio']:.2f}x sklearn's time at "
                 f"{ours['inertia_ratio']:.4f}x its inertia")
+        minibatch = [r for m, r in by.items() if m.startswith("sklearn MiniBatchKMeans")]
+        if minibatch:
+            line += (f"; MiniBatchKMeans takes {minibatch[0]['wall'] / ours['wall']:.2f}x our time at "
+                     f"{minibatch[0]['inertia'] / ours['inertia']:.4f}x our inertia")
         dask_ml = [r for m, r in by.items() if m.startswith("dask-ml")]
         if dask_ml:
             line += f"; dask-ml takes {dask_ml[0]['wall'] / ours['wall']:.1f}x our time"
@@ -188,14 +193,6 @@ def markdown(rows: list[dict], args, load_before: tuple, load_after: tuple) -> s
         lines += ["", "Extracted features: none in this run; `--synthetic N` (features of N synthetic images) "
                   "or `--zarr PATH` (any embeddings.zarr) adds them as one more data set."]
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the "## k-means" section of the benchmarks document."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## k-means\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
 
 
 def main() -> None:
@@ -210,8 +207,16 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/kmeans_bench"), help="where --synthetic writes")
     parser.add_argument("--no-cluster", action="store_true", help="skip the LocalCluster runs")
     parser.add_argument("--skip-dask-ml", action="store_true")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI-sized smoke run: 100k x 32, K = 8, features of 64 synthetic images")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default docs/benchmarks.md, or build/benchmarks-quick.md with --quick")
     args = parser.parse_args()
+    if args.quick:
+        args.n, args.dim, args.k = min(args.n, 100_000), min(args.dim, 32), min(args.k, 8)
+        args.synthetic = min(args.synthetic or 64, 64)
+    if args.out is None:
+        args.out = REPO / ("build/benchmarks-quick.md" if args.quick else "docs/benchmarks.md")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("distributed").setLevel(logging.WARNING)
     logging.getLogger("dask_ml").setLevel(logging.WARNING)
@@ -226,7 +231,7 @@ def main() -> None:
         for name, x, lazy in datasets(args):
             rows += run_methods(name, x, lazy, args, client)
     section = markdown(rows, args, load_before, os.getloadavg())
-    write_section(args.out, section)
+    write_section(args.out, "k-means", section)
     print(section)
 
 

@@ -1,0 +1,172 @@
+"""Training step time with the real episode loader against the same steps on in-memory batches.
+
+Both variants call :func:`fss_core.training.train` the way the train stage does (episode dataset,
+``DataLoader`` with the trainer's settings, SGD + AdamW, dice loss, checkpoint per epoch), from the
+same initial weights, on the same episodes:
+
+- **episode loader**: :class:`fss_core.data.episodes.SupervisedEpisodeDataset` over synthetic VOC
+  images (each episode decodes the query and support JPEGs and labels and runs the training
+  augmentation — the same per-episode work as the pseudo episodes of the unsupervised stage);
+- **in memory**: the very same episodes, drawn before the clock and served from a list.
+
+Target: loader step time <= 1.1x the in-memory step time (the loader never starves the model).
+Also shown: the loader alone (iterating the DataLoader, no model). The section "training" of
+docs/benchmarks.md.
+
+    python benchmarks/train_bench.py            # demo-sized model (129 px, hidden 64), 2 x 3 epochs
+    python benchmarks/train_bench.py --quick    # 65 px, hidden 32, 1 x 2 epochs
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from harness import RunInfo, add_common_arguments, out_path, single_thread, table, verdict, write_section
+
+TARGET = 1.1
+
+
+@dataclass(frozen=True)
+class Setting:
+    image_size: int
+    hidden: int
+    ffn: int
+    heads: int
+    batch_size: int
+    images: int
+    epochs: int
+    repeats: int
+    num_workers: int = 0
+
+
+FULL = Setting(image_size=129, hidden=64, ffn=192, heads=8, batch_size=8, images=160, epochs=3, repeats=2)
+QUICK = Setting(image_size=65, hidden=32, ffn=64, heads=4, batch_size=4, images=48, epochs=2, repeats=1)
+
+
+class InMemoryEpisodes(Dataset):
+    """The episodes a dataset draws in each epoch, drawn once up front and served from memory."""
+
+    def __init__(self, dataset, epochs: int):
+        self.by_epoch = []
+        for epoch in range(epochs):
+            dataset.set_epoch(epoch)
+            self.by_epoch.append([dataset[i] for i in range(len(dataset))])
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.by_epoch[0])
+
+    def __getitem__(self, i: int):
+        return self.by_epoch[self.epoch][i]
+
+
+def build(setting: Setting, work: Path):
+    from fss_core.data.episodes import SupervisedEpisodeDataset
+    from fss_core.data.layouts import read_voc
+    from fss_core.data.synthetic import synthesize
+
+    data = work / "data"
+    if not data.is_dir():
+        synthesize(data, seed=0, classes=8, images=setting.images, size=128)
+    records = read_voc(data, "train")
+    dataset = SupervisedEpisodeDataset(records, classes=range(1, 9), shots=1, size=setting.image_size,
+                                       min_area=256, area_reference=None, seed=0)
+    return dataset
+
+
+def model(setting: Setting):
+    from fss_core.models.backbones import build_backbone
+    from fss_core.models.fss import FSSModelConfig, FSSNetwork
+
+    torch.manual_seed(0)
+    config = FSSModelConfig(hidden=setting.hidden, ffn=setting.ffn, heads=setting.heads)
+    return FSSNetwork(build_backbone("small_cnn"), config)
+
+
+def run_train(setting: Setting, dataset, folder: Path) -> list[float]:
+    """Seconds per step of each epoch."""
+    from fss_core.training import TrainSettings, train
+
+    shutil.rmtree(folder, ignore_errors=True)
+    settings = TrainSettings(epochs=setting.epochs, batch_size=setting.batch_size, base_lr=0.002,
+                             checkpoint_dir=folder, device="cpu", num_workers=setting.num_workers)
+    result = train(model(setting), dataset, None, settings, progress=False)
+    steps = len(dataset) // setting.batch_size
+    return [h["seconds"] / steps for h in result.history]
+
+
+def loader_alone(setting: Setting, dataset) -> float:
+    """Seconds per batch of iterating the trainer's DataLoader without a model."""
+    from fss_core.data.episodes import collate_episodes
+    from fss_core.training.trainer import _worker_context
+
+    dataset.set_epoch(0)
+    loader = DataLoader(dataset, batch_size=setting.batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(0), collate_fn=collate_episodes,
+                        num_workers=setting.num_workers, multiprocessing_context=_worker_context(setting.num_workers))
+    start = time.perf_counter()
+    steps = sum(1 for _ in loader)
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (train.num_workers)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    single_thread()
+    setting = QUICK if args.quick else FULL
+    setting = Setting(**{**setting.__dict__, "num_workers": args.num_workers})
+    info = RunInfo()
+    work = args.work or Path(tempfile.mkdtemp(prefix="train-bench-"))
+    dataset = build(setting, work)
+    memory = InMemoryEpisodes(dataset, setting.epochs)
+    loader_step = loader_alone(setting, dataset)
+    real, cached = [], []
+    for _ in range(setting.repeats):  # interleaved, so a change of load hits both alike
+        real += run_train(setting, dataset, work / "real")
+        cached += run_train(setting, memory, work / "memory")
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    info.finish()
+    step_real, step_memory = statistics.median(real), statistics.median(cached)
+    ratio = step_real / step_memory
+    print(f"step: loader {step_real:.3f} s, in memory {step_memory:.3f} s, ratio {ratio:.2f}; "
+          f"loader alone {loader_step:.3f} s/batch", flush=True)
+    s = setting
+    rows = [[f"{s.image_size} px", f"{s.hidden} / {s.ffn} / {s.heads}", s.batch_size, len(dataset), s.num_workers,
+             f"{1000 * step_memory:.0f}", f"{1000 * step_real:.0f}", f"**{ratio:.2f}**", verdict(ratio <= TARGET),
+             f"{1000 * loader_step:.0f}", f"{loader_step / step_memory:.2f}"]]
+    body = "\n".join([
+        info.line("train_bench.py"),
+        "",
+        "One torch thread; CPU, float32 (the trainer's CPU path); small_cnn backbone (random weights), 1 shot. "
+        f"Step times are medians over {s.repeats} x {s.epochs} epochs (epoch seconds / steps, as the trainer "
+        "records them: loading, forward, loss, backward, both optimiser steps), the two variants interleaved. "
+        "*in memory*: the same episodes drawn before the clock and served from a list through the same "
+        "DataLoader and collate. *loader alone*: one epoch of the trainer's DataLoader with no model.",
+        "",
+        *table(["image", "hidden / ffn / heads", "batch", "episodes / epoch", "loader workers",
+                "in-memory step ms", "episode-loader step ms", "loader / in memory", f"target <= {TARGET}",
+                "loader alone ms / batch", "loader alone / in-memory step"], rows, "llrrrrrrlrr"),
+    ])
+    write_section(out_path(args), "training", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
