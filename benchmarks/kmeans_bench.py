@@ -63,7 +63,7 @@ def synthetic_store(out: Path, images: int, seed: int, long_side: int = 128) -> 
     from fss_core.embeddings.extract import create_embeddings_store, extract_rows, feature_grid
     from fss_core.models.backbones import build_backbone
 
-    summary = synthesize(out / "data", seed=seed, images=images, size=long_side)
+    summary = synthesize(out / "data", seed=seed, classes=min(20, images // 2), images=images, size=long_side)
     ids = sorted(summary.train_ids + summary.val_ids)
     paths = [summary.image_dir / f"{i}.jpg" for i in ids]
     hw = np.array([Image.open(p).size[::-1] for p in paths])
