@@ -187,7 +187,8 @@ def run_evaluate_fold(cfg: PipelineConfig, trained: TrainOutcome, extraction: Ba
         for method in methods:
             folder = _result_folder(cfg, method, fold, shots)
             if not (folder / METRICS_FILE).is_file():
-                _evaluated(cfg, method, folder, val, split, shots, n_episodes)
+                # no per-episode bars: folds run side by side and their bars would interleave
+                _evaluated(cfg, method, folder, val, split, shots, n_episodes, progress=False)
                 computed += 1
     return computed
 
@@ -254,7 +255,8 @@ def run_evaluate(cfg: PipelineConfig, trained: TrainOutcome, extraction: Backbon
     return summary
 
 
-def _evaluated(cfg: PipelineConfig, method: _Method, folder: Path, val, split, shots: int, n_episodes: int) -> dict:
+def _evaluated(cfg: PipelineConfig, method: _Method, folder: Path, val, split, shots: int, n_episodes: int,
+               progress: bool | None = None) -> dict:
     """The protocol's aggregate ``metrics.json`` in ``folder``: read back when there, else computed."""
     done = folder / METRICS_FILE
     if done.is_file():
@@ -264,7 +266,8 @@ def _evaluated(cfg: PipelineConfig, method: _Method, folder: Path, val, split, s
     # The 2·32·32 px rule is defined at 473²; scale it to the evaluation input size.
     min_area = max(1, round(cfg.pseudo.min_area * (size / cfg.pseudo.area_reference) ** 2))
     return run_protocol(predictor, val, split, shots, n_episodes, e.seeds, size, min_area, folder,
-                        n_overlays=e.overlays if method.overlays else 0, progress=cfg.runtime.progress)
+                        n_overlays=e.overlays if method.overlays else 0,
+                        progress=cfg.runtime.progress if progress is None else progress)
 
 
 @task(name="evaluate-fold", task_run_name="evaluate-fold{fold}")
