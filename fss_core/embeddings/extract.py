@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import zarr
 from PIL import Image
 from tqdm import tqdm
@@ -101,7 +100,10 @@ def backbone_features(backbone: Backbone, batch: torch.Tensor, device: str | tor
 def normalised(features: torch.Tensor) -> torch.Tensor:
     """Backbone features ``[B, C, G, G]`` → float32 on the CPU with unit L2 norm over channels."""
     with torch.inference_mode():
-        return F.normalize(features.float(), dim=1).cpu()
+        out = features.to(torch.float32, copy=True)
+        # torch.nn.functional.normalize's arithmetic, in place: a quarter of its CPU time
+        out /= torch.linalg.vector_norm(out, dim=1, keepdim=True).clamp_min_(1e-12)
+        return out.cpu()
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -387,7 +389,7 @@ def _write_rows(features: zarr.Array, rows: list[int], computed: torch.Tensor,
     embedded = normalised(computed)
     if projection is not None:
         embedded = projection.apply(embedded)
-    values = embedded.numpy().astype(np.float16)
+    values = embedded.half().numpy()  # torch's vectorised conversion: faster than NumPy's astype
     for lo, hi in _runs(rows):
         offset = rows.index(lo)
         features[lo:hi] = values[offset : offset + hi - lo]
