@@ -1,8 +1,8 @@
 """Extract: the backbone (pretrained self-supervised when none is given) → embeddings.zarr.
 
 Three steps so that the flow can map the middle one over shards:
-``prepare_extraction`` (backbone + store, returns the shard blocks still to do),
-``extract_block`` (one mapped task per shard: one writer per chunk), ``finish_extraction``.
+``prepare_extraction`` (backbone + store, returns the runs of shards still to do),
+``extract_block`` (one mapped task per run of whole shards: one writer per shard), ``finish_extraction``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from tasks.workspace import source_root, workspace_of
 
 log = logging.getLogger(__name__)
 
+MAX_SHARDS_PER_TASK = 8  # bounds the work a failed task repeats and keeps the progress bar moving
+
 
 @dataclass(frozen=True)
 class BackboneRef:
@@ -52,7 +55,7 @@ class ExtractPlan:
     build_key: str  # the store's key: extractor settings and backbone weights
     output_key: str  # what later stages depend on: the store key and the images in it
     backbone: BackboneRef
-    blocks: list[list[int]]  # store rows still to extract, one shard per block
+    blocks: list[list[int]]  # store rows still to extract, one run of whole shards per mapped task
     paths: list[list[str]]
     total: int
 
@@ -125,13 +128,31 @@ def prepare_extraction(cfg: PipelineConfig, parent_run_id: str | None = None) ->
         vectors = sample_valid_vectors(sample, backbone, e.long_side, e.batch_size, 200_000, seed=cfg.cluster.seed)
         save_projection(group, fit_projection(vectors, e.pca_dim, seed=cfg.cluster.seed))
     done = np.asarray(group["done"][:])
+    todo = [b for b in shard_blocks(len(ordered), e.shard_size) if not done[b.start:b.stop].all()]
     blocks, paths = [], []
-    for block in shard_blocks(len(ordered), e.shard_size):
-        if not done[block.start:block.stop].all():
-            blocks.append(list(block))
-            paths.append([str(root / by_id[ordered[i]].path) for i in block])
+    for run in task_runs(todo, cfg.runtime.n_workers * cfg.runtime.threads_per_worker):
+        blocks.append(list(run))
+        paths.append([str(root / by_id[ordered[i]].path) for i in run])
     ids_digest = hashlib.sha256("\n".join(ordered).encode()).hexdigest()[:16]
     return ExtractPlan(store_key, build_key("extract", cfg, ref.sha256, ids_digest), ref, blocks, paths, len(ordered))
+
+
+def task_runs(shards: list[range], workers: int) -> list[range]:
+    """Group the shards left to extract into row ranges, one mapped task each.
+
+    A task hides its decoding and writing behind the forward pass except at its start and end,
+    so fewer, longer tasks lose less; there are as many tasks as keep ``workers`` equally busy
+    (a multiple of it, each at most ``MAX_SHARDS_PER_TASK`` shards, sizes within one shard).
+    A range spans whole shards from its first to its last (done shards between are skipped by
+    :func:`extract_rows`), so each shard still has exactly one writer.
+    """
+    if not shards:
+        return []
+    workers = max(1, workers)
+    tasks = max(workers, math.ceil(len(shards) / MAX_SHARDS_PER_TASK))
+    tasks = min(len(shards), math.ceil(tasks / workers) * workers)
+    return [range(group[0].start, group[-1].stop)
+            for group in (shards[i * len(shards) // tasks:(i + 1) * len(shards) // tasks] for i in range(tasks))]
 
 
 def _row_order(path: Path, key: str, manifest_ids: list[str]) -> list[str]:
@@ -151,7 +172,7 @@ def _row_order(path: Path, key: str, manifest_ids: list[str]) -> list[str]:
 
 
 def extract_block(cfg: PipelineConfig, ref: BackboneRef, rows: list[int], paths: list[str]) -> int:
-    """One shard of the store: the unit of a mapped task (exactly one writer per shard)."""
+    """One run of whole shards of the store: the unit of a mapped task (exactly one writer per shard)."""
     backbone = _backbone(ref.name, ref.checkpoint)
     e = cfg.extract
     return extract_rows(workspace_of(cfg).embeddings, rows, paths, backbone, e.long_side, e.batch_size,
