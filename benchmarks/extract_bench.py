@@ -96,8 +96,9 @@ def measure(setting: Setting, work: Path, repeats: int) -> dict:
             extract_rows(store, block, paths[block.start:block.stop], backbone, setting.long_side, setting.batch_size)
 
     forward_only()  # warm-up: first-call allocations and kernel selection
+    cpu: dict[str, float] = {}
     walls = interleaved({"forward": forward_only, "extract": extraction, "per_shard": per_shard}, repeats,
-                        setup={"extract": fresh_store, "per_shard": fresh_store})
+                        setup={"extract": fresh_store, "per_shard": fresh_store}, cpu=cpu)
     fresh_store()
     with PeakMemory(children=False) as memory:
         extraction()
@@ -105,6 +106,7 @@ def measure(setting: Setting, work: Path, repeats: int) -> dict:
     return dict(setting=setting, forward=n / walls["forward"], extract=n / walls["extract"],
                 per_shard=n / walls["per_shard"], ratio=walls["forward"] / walls["extract"],
                 ratio_per_shard=walls["forward"] / walls["per_shard"],
+                cpu_forward=cpu["forward"] / n, cpu_extract=cpu["extract"] / n,
                 dtype=str(dtype).replace("torch.", "") if dtype else "float32",
                 store_mib=mib(sum(f.stat().st_size for f in store.rglob("*") if f.is_file())),
                 peak_mib=mib(memory.peak), repeats=repeats)
@@ -116,8 +118,9 @@ def markdown(results: list[dict], info: RunInfo) -> str:
         s = r["setting"]
         rows.append([s.backbone, f"{s.long_side} px", s.images, s.batch_size, r["dtype"], f"{r['forward']:.1f}",
                      f"{r['extract']:.1f}", f"**{r['ratio']:.2f}**", verdict(r["ratio"] >= TARGET),
-                     f"{r['per_shard']:.1f}", f"{r['ratio_per_shard']:.2f}", f"{r['store_mib']:.0f}",
-                     f"{r['peak_mib']:.0f}"])
+                     f"{r['per_shard']:.1f}", f"{r['ratio_per_shard']:.2f}", f"{1000 * r['cpu_forward']:.1f}",
+                     f"{1000 * r['cpu_extract']:.1f}", f"{r['cpu_forward'] / r['cpu_extract']:.2f}",
+                     f"{r['store_mib']:.0f}", f"{r['peak_mib']:.0f}"])
     lines = [
         info.line("extract_bench.py"),
         "",
@@ -128,11 +131,15 @@ def markdown(results: list[dict], info: RunInfo) -> str:
         "embeddings store (created before the clock): JPEG decoding, preprocessing, forward, L2 normalisation, "
         "float16, zarr writes; in one call (what one `extract-shard` task runs over its run of shards), and "
         f"in one call per shard of {IMAGES_PER_BLOCK} images (the pipeline fills and drains the decode/write "
-        "overlap once per call). Peak RSS: the process during one whole-store extraction.",
+        "overlap once per call; the pipeline's extract tasks each take a run of shards, see `tasks/extract.py`). "
+        "*CPU ms / img*: CPU time of the process (all threads) per image; their ratio is the best "
+        "extract / forward can reach when the machine has no core to spare for the decode and write "
+        "threads. Peak RSS: the process during one whole-store extraction.",
         "",
         *table(["backbone", "canvas", "images", "batch", "autocast", "forward only img/s", "extract_rows img/s",
                 "extract / forward", f"target >= {TARGET}", "one call per shard img/s", "per shard / forward",
-                "store MiB", "peak RSS MiB"], rows, "lrrrlrrrlrrrr"),
+                "forward CPU ms / img", "extract CPU ms / img", "CPU ratio", "store MiB", "peak RSS MiB"],
+               rows, "lrrrlrrrlrrrrrrr"),
     ]
     return "\n".join(lines)
 

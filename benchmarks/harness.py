@@ -99,17 +99,24 @@ def repeat(fn: Callable[[], object], times: int) -> list[float]:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], times: int,
-                setup: dict[str, Callable[[], object]] | None = None) -> dict[str, float]:
+                setup: dict[str, Callable[[], object]] | None = None,
+                cpu: dict[str, float] | None = None) -> dict[str, float]:
     """Median wall seconds of each function, the calls interleaved (a, b, a, b, ...) so that a
     change in the machine's load hits every variant alike; ``setup[name]`` runs untimed before
-    each call of ``fns[name]``."""
+    each call of ``fns[name]``. ``cpu``, when given, receives the median CPU seconds of this
+    process (all its threads) per call."""
     setup = setup or {}
     walls: dict[str, list[float]] = {name: [] for name in fns}
+    cpus: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(times):
         for name, fn in fns.items():
             if name in setup:
                 setup[name]()
+            start = time.process_time()
             walls[name] += repeat(fn, 1)
+            cpus[name].append(time.process_time() - start)
+    if cpu is not None:
+        cpu.update({name: statistics.median(c) for name, c in cpus.items()})
     return {name: statistics.median(w) for name, w in walls.items()}
 
 
