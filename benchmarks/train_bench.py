@@ -96,13 +96,13 @@ def model(setting: Setting):
     return FSSNetwork(build_backbone("small_cnn"), config)
 
 
-def run_train(setting: Setting, dataset, folder: Path) -> list[float]:
+def run_train(setting: Setting, dataset, folder: Path, num_workers: int) -> list[float]:
     """Seconds per step of each epoch."""
     from fss_core.training import TrainSettings, train
 
     shutil.rmtree(folder, ignore_errors=True)
     settings = TrainSettings(epochs=setting.epochs, batch_size=setting.batch_size, base_lr=0.002,
-                             checkpoint_dir=folder, device="cpu", num_workers=setting.num_workers)
+                             checkpoint_dir=folder, device="cpu", num_workers=num_workers)
     result = train(model(setting), dataset, None, settings, progress=False)
     steps = len(dataset) // setting.batch_size
     return [h["seconds"] / steps for h in result.history]
@@ -138,8 +138,8 @@ def main() -> None:
     loader_step = loader_alone(setting, dataset)
     real, cached = [], []
     for _ in range(setting.repeats):  # interleaved, so a change of load hits both alike
-        real += run_train(setting, dataset, work / "real")
-        cached += run_train(setting, memory, work / "memory")
+        real += run_train(setting, dataset, work / "real", setting.num_workers)
+        cached += run_train(setting, memory, work / "memory", 0)  # served from this process's memory
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     info.finish()
@@ -158,7 +158,9 @@ def main() -> None:
         f"Step times are medians over {s.repeats} x {s.epochs} epochs (epoch seconds / steps, as the trainer "
         "records them: loading, forward, loss, backward, both optimiser steps), the two variants interleaved. "
         "*in memory*: the same episodes drawn before the clock and served from a list through the same "
-        "DataLoader and collate. *loader alone*: one epoch of the trainer's DataLoader with no model.",
+        "DataLoader and collate, in the training process. *loader workers*: `train.num_workers` of the "
+        "episode-loader run (0, the default: episodes are loaded in the training thread on CPU). *loader "
+        "alone*: one epoch of the trainer's DataLoader with no model.",
         "",
         *table(["image", "hidden / ffn / heads", "batch", "episodes / epoch", "loader workers",
                 "in-memory step ms", "episode-loader step ms", "loader / in memory", f"target <= {TARGET}",

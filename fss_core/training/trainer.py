@@ -288,8 +288,10 @@ def train(
                             multiprocessing_context=_worker_context(settings.num_workers))
         model.train()
         loss_sum, sgd_lr = 0.0, 0.0
-        # without loader processes, a thread prepares the next batches while the model computes
-        batches = prefetched(loader) if settings.num_workers == 0 else loader
+        # On CUDA without loader processes, a thread prepares the next batches while the training
+        # thread waits on the GPU. On CPU it would compete with the step for the GIL and the cores
+        # (measured no faster: benchmarks/train_bench.py), so batches load in this thread.
+        batches = prefetched(loader) if settings.num_workers == 0 and device.type == "cuda" else loader
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{settings.epochs}",
                    disable=not progress, leave=False)
         for batch in bar:
