@@ -12,6 +12,9 @@ For a lent device. Measured, each next to its bound = (counted FLOPs) / (peak bf
   one step as the trainer takes it (bf16
   autocast, channels-last, dice loss, backward, SGD + AdamW steps) on an in-memory batch.
 
+Then the trainer itself for two short epochs, with the episode loader (JPEGs at the canvas size)
+and with the same episodes in memory: the loader's cost per step on the device.
+
 FLOPs are counted by ``torch.utils.flop_counter`` on the run's own shapes (convolutions and matrix
 products; element-wise work and grid sampling are not counted, so the bound is optimistic). The
 peak is the data-sheet dense bf16 rate for known GPUs, and also measured with a large bf16 matmul.
@@ -176,6 +179,38 @@ def training_step(device: torch.device, image_size: int, hidden: int, batch: int
                 memory=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
 
 
+def training_epochs(device: torch.device, image_size: int, hidden: int, batch: int, episodes: int,
+                    work: Path) -> dict:
+    """Seconds per step of the trainer itself (``fss_core.training.train``, one epoch) on episodes
+    loaded from synthetic JPEGs (the trainer's DataLoader, its prefetch thread on CUDA) and on the
+    same episodes held in memory."""
+    from fss_core.data.episodes import SupervisedEpisodeDataset
+    from fss_core.data.layouts import read_voc
+    from fss_core.data.synthetic import synthesize
+    from fss_core.models.backbones import build_backbone
+    from fss_core.models.fss import FSSModelConfig, FSSNetwork
+    from fss_core.training import TrainSettings, train
+    from train_bench import InMemoryEpisodes
+
+    data = work / "episodes"
+    synthesize(data, seed=0, classes=4, images=max(episodes * 4 // 3 + 4, 8), size=image_size)
+    dataset = SupervisedEpisodeDataset(read_voc(data, "train"), classes=range(1, 5), shots=1, size=image_size,
+                                       min_area=64, area_reference=None, seed=0)
+    memory = InMemoryEpisodes(dataset, epochs=2)
+
+    def per_step(episodes_dataset, folder: str) -> float:
+        torch.manual_seed(0)
+        model = FSSNetwork(build_backbone("resnet50_v2"), FSSModelConfig(hidden=hidden))
+        settings = TrainSettings(epochs=2, batch_size=batch, base_lr=0.002, checkpoint_dir=work / folder,
+                                 device=device.type, amp=True)
+        history = train(model, episodes_dataset, None, settings, progress=False).history
+        return history[-1]["seconds"] / (len(episodes_dataset) // batch)  # the second epoch: warmed up
+
+    result = dict(loader=per_step(dataset, "loader"), memory=per_step(memory, "memory"), episodes=len(dataset))
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
@@ -203,6 +238,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     ext = extraction(device, image_size, extract_batch, 4 * extract_batch if args.quick else 512, repeats, work)
     step = training_step(device, image_size, hidden, train_batch, repeats)
+    epochs = training_epochs(device, image_size, hidden, train_batch, 8 if args.quick else 64, work)
     info.finish()
 
     def bound(flops: float, peak: float | None) -> str:
@@ -223,6 +259,7 @@ def main() -> None:
          bound(step["flops"], measured_peak), fraction(1 / step["seconds"], step["flops"], measured_peak)],
     ]
     memory = f" Peak GPU memory of the training step: {step['memory'] / 2**30:.1f} GiB." if step["memory"] else ""
+    loader_ratio = epochs["loader"] / epochs["memory"]
     body = "\n".join([
         info.line("gpu_bench.py"),
         "",
@@ -236,6 +273,11 @@ def main() -> None:
         "",
         *table(["what", "GFLOP", "measured per s", "bound per s (data sheet)", "fraction of bound",
                 "bound per s (measured matmul)", "fraction of measured bound"], rows, "lrrrrrr"),
+        "",
+        f"The trainer itself (`fss_core.training.train`, second of 2 epochs, {epochs['episodes']} episodes, "
+        f"batch {train_batch}): {1000 * epochs['loader']:.0f} ms per step with the episode loader (JPEG "
+        f"decoding and augmentation at {image_size} px) against {1000 * epochs['memory']:.0f} ms on the same "
+        f"episodes in memory: **{loader_ratio:.2f}x** (target <= 1.1).",
     ])
     print(body)
     write_section(out_path(args), "GPU", body)
