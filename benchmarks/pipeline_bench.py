@@ -267,7 +267,12 @@ def add_train_images(root: Path, count: int, classes: int, size: int) -> None:
 
 def orchestration(args, env: dict, work: Path) -> str:
     images = 40 if args.quick else 240
-    overrides = [*(QUICK_COMMON if args.quick else COMMON), *data_settings(images, args.quick)]
+    # the default canvas (473 px) in the measured run: extraction and clustering at their real size
+    canvas = ["extract.long_side=473", "extract.batch_size=16"]
+    common = QUICK_COMMON if args.quick else [*(o for o in COMMON if not o.startswith(("extract.long_side=",
+                                                                                       "extract.batch_size="))),
+                                              *canvas]
+    overrides = [*common, *data_settings(images, args.quick)]
     ws = work / "orchestration"
     first = run_flow("pipeline", ws, overrides, env, work)
     cached = run_flow("pipeline", ws, overrides, env, work)
@@ -282,8 +287,8 @@ def orchestration(args, env: dict, work: Path) -> str:
     if incremental["extracted"] != new:
         raise RuntimeError(f"the retrain flow embedded {incremental['extracted']} images, expected the {new} new ones")
 
-    def extraction(run: dict) -> float:
-        return run["stages"]["extract"]["span"] - run["ssl_seconds"]
+    def extraction(run: dict, ssl: bool = False) -> float:
+        return run["stages"]["extract"]["span"] - (0.0 if ssl else run["ssl_seconds"])
 
     overhead = first["flow_wall"] - first["work"]
     rows = [
@@ -302,6 +307,10 @@ def orchestration(args, env: dict, work: Path) -> str:
          f"{extraction(incremental):.1f} s / {extraction(first):.1f} s",
          f"**{extraction(incremental) / extraction(first):.3f}**", f"<= {INCREMENTAL_TARGET}",
          verdict(extraction(incremental) / extraction(first) <= INCREMENTAL_TARGET)],
+        ["the same, the first run's extract stage with its self-supervised pretraining",
+         f"{extraction(incremental):.1f} s / {extraction(first, ssl=True):.1f} s",
+         f"{extraction(incremental) / extraction(first, ssl=True):.3f}", f"<= {INCREMENTAL_TARGET}",
+         verdict(extraction(incremental) / extraction(first, ssl=True) <= INCREMENTAL_TARGET)],
         ["retrain flow (+10 % images) / first run (process wall)",
          f"{incremental['process_wall']:.1f} s / {first['process_wall']:.1f} s",
          f"{incremental['process_wall'] / first['process_wall']:.3f}", "", ""],
@@ -352,7 +361,8 @@ def scaling(args, env: dict, work: Path) -> str:
                      *(f"{mib(m):.0f}" for m in peaks), f"{mib(peaks[2] - peaks[0]):+.0f}"])
     body = [
         f"First runs on fresh workspaces with {base}, {2 * base} and {4 * base} synthetic images "
-        f"({'64' if args.quick else '128'} px), settings as in the orchestration section. Time: the stage's span "
+        f"({'64' if args.quick else '128'} px), settings as in the orchestration section"
+        f"{'' if args.quick else ' but a 128 px canvas (extract.long_side=128, batch 32)'}. Time: the stage's span "
         "(first task start to last task end), *total* = the whole process. *per-image time* = (time / images) / "
         "(time at 1x / images at 1x): 1.00 is linear growth, below 1 a fixed cost being amortised, above 1 a "
         "cost that grows faster than the data. Memory: peak RSS of the run's process and its Dask workers "

@@ -26,7 +26,8 @@ BENCHMARKS = [
     ("kmeans-memory", "kmeans_memory_bench.py", []),
     ("train", "train_bench.py", []),
     ("eval", "eval_bench.py", []),
-    ("pipeline", "pipeline_bench.py", []),
+    ("orchestration", "pipeline_bench.py", ["--part", "orchestration"]),
+    ("scaling", "pipeline_bench.py", ["--part", "scaling"]),
     ("gpu", "gpu_bench.py", []),
 ]
 
@@ -51,7 +52,7 @@ def main() -> None:
             continue
         cmd = [sys.executable, str(HERE / script)]
         if args.quick:
-            cmd.append("--quick")
+            cmd += ["--quick", *(a for a in arguments if name in ("orchestration", "scaling"))]
         else:
             cmd += arguments
         if name == "gpu":
