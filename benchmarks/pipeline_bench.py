@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,16 +82,27 @@ def child(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING)
     overrides = [f"runtime.workspace={args.workspace}", *args.set]
     cfg = load_config(None, overrides)
+    import flows.pipeline
+    import flows.retrain
+
+    phases: dict[str, float] = {}
+    for module in (flows.pipeline, flows.retrain):  # time the Dask cluster's start and stop
+        module.dask_cluster = _timed_cluster(module.dask_cluster, phases)
+    if args.without_preload:  # the baseline of the workers' preload: task modules imported on first use
+        import distributed
+
+        start_cluster = distributed.LocalCluster.__init__
+
+        def without_preload(self, *a, **kw):
+            kw["preload"] = [m for m in kw.get("preload", []) if m != "flows.pipeline"]
+            start_cluster(self, *a, **kw)
+
+        distributed.LocalCluster.__init__ = without_preload
+    imported = time.time()
     if args.flow == "retrain":
-        from flows.retrain import retrain
-
-        imported = time.time()
-        results = retrain(overrides=overrides)
+        results = flows.retrain.retrain(overrides=overrides)
     else:
-        from flows.pipeline import pipeline
-
-        imported = time.time()
-        results = pipeline(config=cfg.model_dump(mode="json"))
+        results = flows.pipeline.pipeline(config=cfg.model_dump(mode="json"))
     finished = time.time()
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
@@ -108,8 +120,23 @@ def child(args: argparse.Namespace) -> None:
               "end": r.end_time.timestamp()}
              for r in runs if r.start_time and r.end_time and stage_of(r.name)]  # not the subflow's own run
     summary = {"process_start": started, "flow_start": imported, "flow_end": finished, "tasks": tasks,
-               "extracted": results.get("extracted"), "ssl_seconds": _ssl_seconds(cfg, imported)}
+               "extracted": results.get("extracted"), "ssl_seconds": _ssl_seconds(cfg, imported), **phases}
     Path(args.result).write_text(json.dumps(summary))
+
+
+def _timed_cluster(dask_cluster, phases: dict[str, float]):
+    """``flows.dask_runtime.dask_cluster``, recording the seconds its start and its stop take."""
+
+    @contextmanager
+    def timed(runtime):
+        start = time.time()
+        with dask_cluster(runtime) as address:
+            phases["cluster_start"] = time.time() - start
+            yield address
+            stop = time.time()
+        phases["cluster_stop"] = time.time() - stop
+
+    return timed
 
 
 def _ssl_seconds(cfg, since: float) -> float:
@@ -195,11 +222,13 @@ class TreeMemory:
         return max(inside, default=0)
 
 
-def run_flow(flow: str, workspace: Path, overrides: list[str], env: dict, work: Path) -> dict:
+def run_flow(flow: str, workspace: Path, overrides: list[str], env: dict, work: Path,
+             without_preload: bool = False) -> dict:
     """One flow in a fresh process; its timings, task runs and memory samples."""
     result = work / f"result-{time.time_ns()}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "child", flow, "--workspace", str(workspace),
-           "--result", str(result), *sum((["--set", s] for s in overrides), [])]
+           "--result", str(result), *sum((["--set", s] for s in overrides), []),
+           *(["--without-preload"] if without_preload else [])]
     log = result.with_suffix(".log")
     start = time.time()
     with open(log, "w") as out:
@@ -278,6 +307,10 @@ def orchestration(args, env: dict, work: Path) -> str:
     cached = run_flow("pipeline", ws, overrides, env, work)
     ephemeral_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
     cached_ephemeral = run_flow("pipeline", ws, overrides, ephemeral_env, work)
+    with_preload, without_preload = [], []
+    for _ in range(1 if args.quick else 2):  # interleaved cached re-runs: the workers' preload against none
+        with_preload.append(run_flow("pipeline", ws, overrides, env, work)["process_wall"])
+        without_preload.append(run_flow("pipeline", ws, overrides, env, work, without_preload=True)["process_wall"])
     from storage_schemas import EMBEDDINGS, open_store
 
     known = len(open_store(ws / "embeddings.zarr", EMBEDDINGS).attrs["image_ids"])
@@ -311,6 +344,10 @@ def orchestration(args, env: dict, work: Path) -> str:
          f"{extraction(incremental):.1f} s / {extraction(first, ssl=True):.1f} s",
          f"{extraction(incremental) / extraction(first, ssl=True):.3f}", f"<= {INCREMENTAL_TARGET}",
          verdict(extraction(incremental) / extraction(first, ssl=True) <= INCREMENTAL_TARGET)],
+        ["cached re-run: workers preloading the task modules / importing them on first use (median of "
+         f"{len(with_preload)} interleaved pairs)",
+         f"{statistics.median(with_preload):.1f} s / {statistics.median(without_preload):.1f} s",
+         f"{statistics.median(with_preload) / statistics.median(without_preload):.3f}", "", ""],
         ["retrain flow (+10 % images) / first run (process wall)",
          f"{incremental['process_wall']:.1f} s / {first['process_wall']:.1f} s",
          f"{incremental['process_wall'] / first['process_wall']:.3f}", "", ""],
@@ -320,8 +357,11 @@ def orchestration(args, env: dict, work: Path) -> str:
     breakdown = []
     for name, run in runs.items():
         starting = run["flow_start"] - run["process_start"]
+        first_task = min(t["start"] for t in run["tasks"]) - run["flow_start"]
         breakdown.append([name, f"{run['process_wall']:.1f}", f"{starting:.1f}", f"{run['flow_wall']:.1f}",
                           f"{run['work']:.1f}", f"{run['flow_wall'] - run['work']:.1f}",
+                          f"{run.get('cluster_start', float('nan')):.1f}", f"{first_task:.1f}",
+                          f"{run.get('cluster_stop', float('nan')):.1f}",
                           *(f"{run['stages'][s]['span']:.1f}" if s in run["stages"] else "-" for s in STAGES
                             if s != "compare")])
     body = [
@@ -335,11 +375,15 @@ def orchestration(args, env: dict, work: Path) -> str:
         "",
         *table(["measure", "values", "ratio", "target", ""], rows, "llrll"),
         "",
-        "Where the time goes (seconds; *imports* = process start to the flow call; stages = span of their "
-        "task runs):",
+        "Where the time goes (seconds; *imports* = process start to the flow call; *cluster start* / *stop* = "
+        "the LocalCluster (2 worker processes) starting and closing inside the flow; *first task* = flow call "
+        "to the first task's start (cluster start, the MLflow parent run, the subflow, and the first worker "
+        "importing the task's modules); stages = span of their task runs, which include the imports (torch, "
+        "MLflow, the science) each worker process makes on its first task of a module):",
         "",
-        *table(["run", "process", "imports", "flow", "tasks", "overhead", *(s for s in STAGES if s != "compare")],
-               breakdown, "lrrrrr" + "r" * (len(STAGES) - 1)),
+        *table(["run", "process", "imports", "flow", "tasks", "overhead", "cluster start", "first task",
+                "cluster stop", *(s for s in STAGES if s != "compare")],
+               breakdown, "lrrrrrrrr" + "r" * (len(STAGES) - 1)),
     ]
     return "\n".join(body)
 
@@ -384,6 +428,7 @@ def main() -> None:
         parser.add_argument("--workspace", required=True)
         parser.add_argument("--result", required=True)
         parser.add_argument("--set", action="append", default=[])
+        parser.add_argument("--without-preload", action="store_true")
         child(parser.parse_args())
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

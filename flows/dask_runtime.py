@@ -34,6 +34,18 @@ def dask_cluster(runtime: RuntimeConfig) -> Iterator[str]:
         host="127.0.0.1",
         resources=resources,
         env=env,
+        # Each worker imports every task module (torch, MLflow, Prefect, the science) as it starts,
+        # all in parallel, instead of in front of each stage's first task on each worker (measured
+        # in docs/benchmarks.md, "orchestration").
+        preload=[*_configured_preloads(), "flows.pipeline"],
     ) as cluster:
         log.info("Dask dashboard: %s", cluster.dashboard_link)
         yield cluster.scheduler_address
+
+
+def _configured_preloads() -> list[str]:
+    """Worker preloads of the Dask config (the CLI sets one), kept next to ours."""
+    import dask
+
+    configured = dask.config.get("distributed.worker.preload", None) or []
+    return [configured] if isinstance(configured, str) else list(configured)
