@@ -124,7 +124,9 @@ def markdown(results: list[dict], info: RunInfo) -> str:
     lines = [
         info.line("extract_bench.py"),
         "",
-        "One torch thread (the second core is free for the work extraction overlaps with the forward pass); "
+        "One torch thread, so that the second core can take the decoding and writing extraction overlaps "
+        "with the forward pass — when other jobs leave it free (a load average near 2 or above means they "
+        "do not, and then the CPU ratio below is the bound); "
         "random backbone weights; synthetic JPEGs whose longer side is the canvas side. Images/s are medians of "
         f"{results[0]['repeats']} interleaved runs. *forward only*: preprocessed canvases in memory through the "
         "backbone (inference mode, the autocast extraction uses). *extract_rows*: every shard of a fresh "

@@ -1,7 +1,7 @@
 """Run every benchmark, one after the other, each in its own process.
 
-    python benchmarks/run_all.py            # the measured tables of docs/benchmarks.md (about 40 minutes)
-    python benchmarks/run_all.py --quick    # CI-sized smoke runs into build/benchmarks-quick.md (a few minutes)
+    python benchmarks/run_all.py            # the measured tables of docs/benchmarks.md (about 25 minutes)
+    python benchmarks/run_all.py --quick    # CI-sized smoke runs into build/benchmarks-quick.md (about 6 minutes)
     python benchmarks/run_all.py --only extract train
 
 Each script replaces its own section of the output file and writes nothing else, so one can be
