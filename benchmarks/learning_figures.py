@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import platform
-import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,15 +29,14 @@ from pathlib import Path
 import torch
 
 from fss_core.config import load_config
-from fss_core.data.prepare import prepare_lists
 from tasks.cluster import run_cluster
+from tasks.compare import ensure_fraction_lists
 from tasks.evaluate import run_evaluate
 from tasks.extract import extract_block, finish_extraction, prepare_extraction
 from tasks.ingest import run_ingest
 from tasks.pseudo import finish_pseudo, prepare_pseudo, pseudo_block
 from tasks.task_index import run_task_index
 from tasks.train import run_train
-from tasks.workspace import source_root
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -74,18 +72,6 @@ def upstream(cfg, timings: dict[str, dict[str, float]]):
     with timed(timings, "task_index"):
         index = run_task_index(cfg, masks.build_key, masks.image_ids)
     return plan, quality, index
-
-
-def ensure_fraction_list(cfg, fraction: int) -> None:
-    """``lists/train_{fraction}.txt`` in the dataset root, without touching its train/val lists."""
-    root = source_root(cfg)
-    target = root / "lists" / f"train_{fraction}.txt"
-    if target.is_file():
-        return
-    scratch = root / ".fraction_lists"
-    prepare_lists(root, "voc", scratch, scheme=cfg.data.fold_scheme, seed=0, fractions=(fraction / 100,),
-                  num_classes=cfg.data.num_classes or cfg.data.synthetic.classes)
-    shutil.copyfile(scratch / f"train_{fraction}.txt", target)
 
 
 def rows_of(summary) -> list[dict]:
@@ -130,7 +116,7 @@ def main() -> None:
     log.info("evaluation:\n%s", evaluated.table)
 
     if args.finetune:
-        ensure_fraction_list(cfg, 20)
+        ensure_fraction_lists(cfg, [20])  # the lists the pipeline's compare stage writes
         figures["finetune"] = []
         for fold in cfg.evaluate.folds:
             ft = load_config(DEMO_CONFIG, [*base, "train.mode=finetune", "train.label_fraction=20",
