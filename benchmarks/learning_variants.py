@@ -1,0 +1,166 @@
+"""Training variants that were measured on the demo data and not adopted (docs/results.md,
+"Second round"). Reproduces their figures without carrying them in the pipeline's code.
+
+Each ``--variant`` patches one part of the pipeline inside this process only (``set_attr`` lets
+tests undo it):
+
+- ``border``: a pseudo-class occurrence is dropped when more than ``BORDER_MAX_SHARE`` of its
+  pixels lie in the image's border band (``1/BORDER_BAND`` of the shorter side wide). Background
+  regions reach the image border far more often than objects do; on the demo data this halves the
+  share of pseudo tasks that are mostly ground-truth background (0.66 to 0.33).
+- ``residual``: the network's fg−bg logit gets ``s · (similarity − t)`` added (half to each
+  channel, with opposite signs), where ``similarity`` is the training-free baseline's min-max
+  normalised cosine to the class prototype (layer3+4), and ``s``, ``t`` are learnt (start 10 and
+  0.6). The head's last convolution starts at zero, so the untrained model is the baseline at
+  threshold 0.6 (up to how the support mask is pooled: bilinearly here, by area in the baseline),
+  and training learns a correction.
+- ``softmax_dice``: the dice loss on the softmax of the two channels (whose argmax is the
+  prediction) instead of the reference's independent sigmoids.
+
+The stages are keyed by the config, which does not know these patches, so every run gets a fresh
+workspace: ``--workspace`` must not exist; the upstream stores (data, backbone, embeddings,
+clusters, pseudo masks and, unless ``border`` rebuilds it, the task index) are copied from
+``--source``, a workspace on which ``learning_figures.py`` has run. Arguments after ``--`` go to
+``learning_figures.py``; the variant names are added to its JSON.
+
+    python benchmarks/learning_variants.py --source /tmp/learn-a --workspace /tmp/learn-v1 \\
+        --variant border --variant residual --variant softmax_dice -- --threads 1 \\
+        --set train.image_size=129 --set train.batch_size=8 --set train.epochs=10 \\
+        --set "train.adapter_layers=[layer3,layer4]" --set evaluate.episodes=100 \\
+        --set "evaluate.seeds=[0]" --set "evaluate.shots=[1]" --out /tmp/learn-v1/figures.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import learning_figures
+from fss_core.data.images import IGNORE_LABEL
+from fss_core.models.fss import network
+from fss_core.pseudo import task_index
+from fss_core.training import trainer
+
+BORDER_BAND = 16
+BORDER_MAX_SHARE = 0.1
+RESIDUAL_START = (10.0, 0.6)  # scale s, threshold t
+UPSTREAM = ("backbone", "clusters.zarr", "data", "embeddings.zarr", "manifest.jsonl", "pseudo_masks")
+VARIANTS = ("border", "residual", "softmax_dice")
+
+
+def patch_border(set_attr=setattr) -> None:
+    """Drop valid pseudo-classes with more than BORDER_MAX_SHARE of their pixels in the border band."""
+    plain = task_index.valid_pseudo_classes
+
+    @functools.wraps(plain)
+    def valid_pseudo_classes(mask, min_area, background_span=0.99):
+        mask = np.asarray(mask)
+        h, w = mask.shape
+        b = max(1, min(h, w) // BORDER_BAND)
+        band = np.zeros((h, w), dtype=bool)
+        band[:b], band[-b:], band[:, :b], band[:, -b:] = True, True, True, True
+        in_band = np.bincount(mask[band].ravel(), minlength=256)
+        return [(c, area) for c, area in plain(mask, min_area, background_span)
+                if in_band[c] <= BORDER_MAX_SHARE * area]
+
+    set_attr(task_index, "valid_pseudo_classes", valid_pseudo_classes)
+
+
+def patch_residual(set_attr=setattr) -> None:
+    """Add the learnt, baseline-started similarity term to the network's logits."""
+    init, forward = network.FSSNetwork.__init__, network.FSSNetwork.forward
+
+    def __init__(self, backbone, config=None):
+        init(self, backbone, config)
+        self.residual_scale = nn.Parameter(torch.tensor(RESIDUAL_START[0]))
+        self.residual_threshold = nn.Parameter(torch.tensor(RESIDUAL_START[1]))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward_with_residual(self, query_img, support_imgs, support_masks, query_padding=None,
+                              support_padding=None, generator=None):
+        logits = forward(self, query_img, support_imgs, support_masks, query_padding, support_padding, generator)
+        batch, shots = support_imgs.shape[:2]
+        if query_padding is None:
+            query_padding = torch.zeros(batch, *query_img.shape[-2:], dtype=torch.bool, device=query_img.device)
+        with torch.no_grad():
+            q = self.backbone(query_img)
+            s = self.backbone(support_imgs.flatten(0, 1))
+        size = tuple(q["layer3"].shape[-2:])
+        layers = ("layer3", "layer4")
+        fg = F.interpolate((support_masks == 1).flatten(0, 1)[:, None].float(), size=size, mode="bilinear",
+                           align_corners=True)
+        similarity = network.prototype_prior(
+            network._unit_features(q, layers), network._unit_features(s, layers).view(batch, shots, -1, *size),
+            fg.view(batch, shots, 1, *size), ~network._downsample_bool(query_padding, size)[:, None])
+        half = self.residual_scale * (similarity - self.residual_threshold) / 2
+        half = F.interpolate(half, size=logits.shape[-2:], mode="bilinear", align_corners=True)
+        return logits + torch.cat([-half, half], dim=1)
+
+    set_attr(network.FSSNetwork, "__init__", __init__)
+    set_attr(network.FSSNetwork, "forward", forward_with_residual)
+
+
+def patch_softmax_dice(set_attr=setattr) -> None:
+    """The trainer's loss (training and validation) on softmax probabilities."""
+
+    def softmax_dice(logits, target, padding=None, ignore_label=IGNORE_LABEL):
+        valid = target != ignore_label
+        if padding is not None:
+            valid = valid & ~padding
+        valid = valid[:, None].to(logits.dtype)
+        one_hot = torch.stack([target == 0, target == 1], dim=1).to(logits.dtype) * valid
+        probs = torch.softmax(logits, dim=1) * valid
+        numerator = 2 * (probs * one_hot).sum((2, 3))
+        denominator = (probs**2).sum((2, 3)) + (one_hot**2).sum((2, 3))
+        return (1 - numerator / denominator.clamp_min(1e-8)).sum(1).mean()
+
+    set_attr(trainer, "dice_loss", softmax_dice)
+
+
+PATCHES = {"border": patch_border, "residual": patch_residual, "softmax_dice": patch_softmax_dice}
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    rest = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", type=Path, required=True, help="a workspace learning_figures.py has run on")
+    parser.add_argument("--workspace", type=Path, required=True, help="a new folder for this run")
+    parser.add_argument("--variant", action="append", choices=VARIANTS, required=True)
+    args = parser.parse_args(own)
+    if args.workspace.exists():
+        parser.error(f"--workspace {args.workspace} exists; each variant run needs a fresh one "
+                     "(its stages would be taken for the unpatched ones)")
+    missing = [name for name in UPSTREAM if not (args.source / name).exists()]
+    if missing:
+        parser.error(f"--source {args.source} lacks {missing}: run learning_figures.py on it first")
+    args.workspace.mkdir(parents=True)
+    for name in UPSTREAM + (() if "border" in args.variant else ("tasks.zarr",)):
+        src, dst = args.source / name, args.workspace / name
+        if src.is_dir():
+            shutil.copytree(src, dst)
+        elif src.exists():
+            shutil.copy2(src, dst)
+    for variant in args.variant:
+        PATCHES[variant]()
+    sys.argv = [sys.argv[0], "--workspace", str(args.workspace), *rest]
+    learning_figures.main()
+    out = Path(rest[rest.index("--out") + 1])
+    figures = json.loads(out.read_text())
+    figures["variants"] = sorted(set(args.variant))
+    out.write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
