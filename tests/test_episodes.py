@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fss_core.data.episodes import PseudoEpisodeDataset, SupervisedEpisodeDataset, collate_episodes
+from fss_core.data.episodes import (
+    EpochBatchSampler,
+    EpochKeyed,
+    PseudoEpisodeDataset,
+    SupervisedEpisodeDataset,
+    collate_episodes,
+    epoch_keyed,
+)
 from fss_core.data.images import save_label, save_rgb
 from fss_core.data.layouts import ImageRecord
 from fss_core.pseudo.task_index import PseudoTaskIndex, similarity_prior, valid_pseudo_classes
@@ -139,6 +146,59 @@ def test_pseudo_episodes_are_reproducible_per_seed_and_epoch(pseudo_data):
             assert torch.equal(getattr(x, name), getattr(y, name)), name
     b.set_epoch(3)
     assert any(not torch.equal(a[i].query_img, b[i].query_img) for i in range(len(a)))
+
+
+def assert_same_episode(x, y) -> None:
+    assert (x.query_id, x.support_ids, x.class_id) == (y.query_id, y.support_ids, y.class_id)
+    for name in ("query_img", "query_mask", "query_padding", "support_imgs", "support_masks", "support_padding"):
+        assert torch.equal(getattr(x, name), getattr(y, name)), name
+
+
+def test_an_epoch_key_gives_the_episode_of_that_epoch(pseudo_data):
+    index, paths, mask_dir, _ = pseudo_data
+    kwargs = dict(shots=2, size=40, scale_range=(0.9, 1.1), rotate_degrees=10.0, seed=5)
+    stateful = PseudoEpisodeDataset(index, paths, mask_dir, **kwargs)
+    keyed = PseudoEpisodeDataset(index, paths, mask_dir, **kwargs)
+    assert epoch_keyed(keyed) is keyed
+    stateful.set_epoch(2)
+    for i in range(len(keyed)):
+        assert_same_episode(stateful[i], keyed[(2, i)])
+    assert keyed.epoch == 0  # a key leaves the dataset's own epoch alone
+    assert any(not torch.equal(keyed[(2, i)].query_img, keyed[(3, i)].query_img) for i in range(len(keyed)))
+
+
+@pytest.mark.parametrize(("n", "batch_size", "seed"), [(10, 3, 7), (13, 4, 0), (6, 1, 123), (5, 5, 2)])
+def test_epoch_batch_sampler_keeps_the_order_of_a_shuffling_dataloader(n, batch_size, seed):
+    sampler = EpochBatchSampler(n, batch_size, seed)
+    for epoch in (0, 1, 4):
+        loader = DataLoader(range(n), batch_size=batch_size, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(seed + epoch))
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == n // batch_size
+        assert batches == [[(epoch, i) for i in batch.tolist()] for batch in loader]
+
+
+def test_epoch_keyed_sets_the_epoch_of_a_stateful_dataset_when_it_changes():
+    class Stateful:
+        def __init__(self):
+            self.epoch, self.calls = 0, 0
+
+        def set_epoch(self, epoch):
+            self.epoch, self.calls = epoch, self.calls + 1
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return self.epoch, i
+
+    dataset = Stateful()
+    keyed = epoch_keyed(dataset)
+    assert isinstance(keyed, EpochKeyed) and len(keyed) == 4
+    assert [keyed[(0, 1)], keyed[(0, 2)], keyed[(3, 0)], keyed[(3, 1)]] == [(0, 1), (0, 2), (3, 0), (3, 1)]
+    assert dataset.calls == 2
+    assert EpochKeyed(range(4))[(5, 2)] == 2  # no set_epoch: plain indexing
 
 
 def test_collate_stacks_episodes_for_a_dataloader(pseudo_data):

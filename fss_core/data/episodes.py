@@ -4,7 +4,9 @@ supervised episodes (fine-tuning with a fraction of the labels).
 An episode is one query image and ``S`` support images with binary masks of one class:
 1 = the class, 0 = everything else, 255 = ignore (label boundaries, rotation borders, crop
 padding). Every sample is drawn from a generator seeded by ``(seed, epoch, index)``, so a
-resumed epoch reproduces exactly and every epoch differs (call ``set_epoch``).
+resumed epoch reproduces exactly and every epoch differs. The epoch comes with the index (a key
+``(epoch, index)``, as :class:`EpochBatchSampler` yields them) or, for an int index, from
+``set_epoch``.
 
 Support sampling, both datasets: supports never include the query image and never repeat.
 When too few distinct candidates exist the pool is widened (pseudo: other members of the
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from fss_core.data.augment import EvalTransform, TrainTransform
 from fss_core.data.images import IGNORE_LABEL, load_label, load_rgb
@@ -118,8 +120,76 @@ def _draw_distinct(primary: np.ndarray, fallback: np.ndarray, shots: int, rng: n
     return rng.choice(pool, shots, replace=True)
 
 
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Shuffled batches of ``(epoch, index)`` keys for the epoch set in this process.
+
+    The epoch travels with every index, so loader worker processes that persist across epochs
+    draw the episodes of the epoch set here without a ``set_epoch`` on their own copies of the
+    dataset. Give it to ``DataLoader(batch_sampler=...)`` over a dataset that takes such keys
+    (the episode datasets, or :class:`EpochKeyed` around any other).
+
+    Epoch ``e``'s order is the one of ``DataLoader(shuffle=True, drop_last=True,
+    generator=torch.Generator().manual_seed(seed + e))``: that loader's iterator first draws its
+    workers' base seed (one int64) from the generator, then ``RandomSampler`` takes
+    ``torch.randperm(n)`` from it (torch 2.13). Batches of ``batch_size`` in that order; the last
+    partial batch is dropped.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of the batches of the next ``iter()``."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the shuffling loader's base seed
+        keys = [(self.epoch, i) for i in torch.randperm(self.n, generator=generator).tolist()]
+        size = self.batch_size
+        return iter([keys[start : start + size] for start in range(0, len(self) * size, size)])
+
+
+class EpochKeyed(Dataset):
+    """``dataset``, indexed by ``(epoch, index)`` keys, for a dataset that takes the epoch only
+    through ``set_epoch``: each copy (one per loader process) calls ``set_epoch`` whenever the
+    key's epoch differs from the one it last set."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self._epoch: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        if epoch != self._epoch and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        self._epoch = epoch
+        return self.dataset[index]
+
+
+def epoch_keyed(dataset: Dataset) -> Dataset:
+    """``dataset`` itself when it takes ``(epoch, index)`` keys (``takes_epoch_keys``), else
+    :class:`EpochKeyed` around it."""
+    return dataset if getattr(dataset, "takes_epoch_keys", False) else EpochKeyed(dataset)
+
+
 class _EpisodeDataset(Dataset):
-    """Seeding, transforms and sample loading shared by both episode datasets."""
+    """Seeding, transforms and sample loading shared by both episode datasets.
+
+    ``dataset[(epoch, index)]`` is episode ``index`` of ``epoch``; ``dataset[index]`` the one of
+    the epoch last given to ``set_epoch`` (0 before). Subclasses draw in ``_draw``.
+    """
+
+    takes_epoch_keys = True
 
     def __init__(self, shots: int, size: int, scale_range: tuple[float, float], rotate_degrees: float,
                  seed: int, train: bool):
@@ -136,8 +206,13 @@ class _EpisodeDataset(Dataset):
         """Draw this epoch's episodes (training only; evaluation episodes are the same every epoch)."""
         self.epoch = epoch
 
-    def _rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch if self.train else 0, index])
+    def __getitem__(self, key: int | tuple[int, int]) -> Episode:
+        epoch, index = key if isinstance(key, (tuple, list)) else (self.epoch, key)
+        index = int(index)
+        return self._draw(index, np.random.default_rng([self.seed, int(epoch) if self.train else 0, index]))
+
+    def _draw(self, i: int, rng: np.random.Generator) -> Episode:
+        raise NotImplementedError
 
     def _sample(self, image_path: Path, label_path: Path, class_id: int,
                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -214,8 +289,7 @@ class PseudoEpisodeDataset(_EpisodeDataset):
         image_id = self.index.image_ids[self.index.occ_image[row]]
         return image_id, self._paths[image_id], self.mask_dir / f"{image_id}.png"
 
-    def __getitem__(self, i: int) -> Episode:
-        rng = self._rng(i)
+    def _draw(self, i: int, rng: np.random.Generator) -> Episode:
         candidates = self._query_occurrences[i]
         occurrence = int(candidates[rng.integers(len(candidates))])
         supports = self.support_occurrences(occurrence, rng)
@@ -280,8 +354,7 @@ class SupervisedEpisodeDataset(_EpisodeDataset):
         record = self.records[record_index]
         return record.image_id, Path(record.image_path), Path(record.label_path)
 
-    def __getitem__(self, i: int) -> Episode:
-        rng = self._rng(i)
+    def _draw(self, i: int, rng: np.random.Generator) -> Episode:
         query = self._query_records[i]
         class_id = int(rng.choice(self._query_classes[i]))
         others = self.class_images[class_id][self.class_images[class_id] != query]
