@@ -201,6 +201,33 @@ def test_epoch_keyed_sets_the_epoch_of_a_stateful_dataset_when_it_changes():
     assert EpochKeyed(range(4))[(5, 2)] == 2  # no set_epoch: plain indexing
 
 
+def test_persistent_loader_workers_draw_the_episodes_of_each_epoch(labelled):
+    from fss_core.training.trainer import train_loader
+
+    records, _ = labelled
+    dataset = SupervisedEpisodeDataset(records, classes=[1, 2, 3], shots=2, size=32, min_area=50,
+                                       area_reference=None, seed=4)
+    epochs = {}
+    for workers in (0, 1):
+        loader = train_loader(dataset, batch_size=5, seed=9, num_workers=workers)
+        epochs[workers], pids = [], []
+        for epoch in (0, 1):
+            loader.batch_sampler.set_epoch(epoch)
+            epochs[workers].append(list(loader))
+            pids.append([w.pid for w in loader._iterator._workers] if workers else [])
+        assert len(pids[0]) == workers and pids[0] == pids[1]  # the same processes served both epochs
+        del loader
+    reference, persistent = epochs[0], epochs[1]
+    by_query = [{q: b.query_img[k] for b in batches for k, q in enumerate(b.query_id)} for batches in reference]
+    shared = by_query[0].keys() & by_query[1].keys()
+    assert shared and any(not torch.equal(by_query[0][q], by_query[1][q]) for q in shared)  # epochs differ
+    for batches_0, batches_1 in zip(reference, persistent):
+        assert len(batches_0) == len(batches_1) == len(dataset) // 5
+        for x, y in zip(batches_0, batches_1):
+            assert (x.query_id, x.support_ids, x.class_id.tolist()) == (y.query_id, y.support_ids, y.class_id.tolist())
+            assert torch.equal(x.query_img, y.query_img) and torch.equal(x.support_masks, y.support_masks)
+
+
 def test_collate_stacks_episodes_for_a_dataloader(pseudo_data):
     index, paths, mask_dir, _ = pseudo_data
     dataset = PseudoEpisodeDataset(index, paths, mask_dir, shots=2, **NO_AUG)

@@ -348,3 +348,15 @@ def test_worker_processes_do_not_change_the_result(tmp_path):
               progress=True)
         states.append(model.state_dict())
     assert_same_weights(*states)
+
+
+def test_persistent_worker_processes_give_the_epochs_of_no_workers(tmp_path):
+    """Two epochs through one loader: its worker gets each epoch with the indices."""
+    runs = []
+    for workers in (0, 1):
+        model = make_model()
+        result = train(model, ToyEpisodes(8), None, settings(tmp_path / str(workers), epochs=2, num_workers=workers),
+                       progress=False)
+        runs.append((model.state_dict(), without_seconds(result.history)))
+    assert_same_weights(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]

@@ -2,9 +2,12 @@
 
 - Each iteration steps both optimisers on the dice loss; the SGD learning rate follows
   :func:`poly_warmup_lr` (warm-up over the first epoch, then poly, times ``sgd_lr_scale``).
-- Epoch ``e`` (0-based) reseeds the torch, NumPy and Python RNGs with ``seed + e``, calls
-  ``train_dataset.set_epoch(e)`` and shuffles with a generator seeded by ``seed + e``; the last
-  partial batch is dropped.
+- Epoch ``e`` (0-based) reseeds the torch, NumPy and Python RNGs with ``seed + e`` and shuffles
+  with a generator seeded by ``seed + e``; the last partial batch is dropped. One ``DataLoader``
+  serves the whole run; with ``num_workers > 0`` its worker processes persist across epochs. The
+  epoch reaches them with every index (:class:`~fss_core.data.episodes.EpochBatchSampler`): the
+  episode datasets take ``(epoch, index)`` keys, other datasets get ``set_epoch(e)`` on the copy
+  that loads, before its first item of the epoch. Any ``num_workers`` gives the same batches.
 - After every epoch ``checkpoint_dir/last.pt`` is replaced atomically. Calling :func:`train` again
   with the same ``checkpoint_dir`` continues after the last finished epoch; on CPU the result is
   bit-identical to an uninterrupted run.
@@ -31,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant opens an extra DataLoader iterator
 
-from fss_core.data.episodes import EpisodeBatch, collate_episodes
+from fss_core.data.episodes import EpisodeBatch, EpochBatchSampler, collate_episodes, epoch_keyed
 from fss_core.data.images import IGNORE_LABEL
 from fss_core.data.prefetch import prefetched
 from fss_core.models.fss import dice_loss
@@ -159,6 +162,27 @@ def _worker_context(num_workers: int) -> str | None:
     return "spawn" if num_workers > 0 else None
 
 
+def train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
+    """The training ``DataLoader`` of a whole run: call ``loader.batch_sampler.set_epoch(e)``
+    before iterating epoch ``e``. Worker processes (``num_workers > 0``) start at the first
+    iteration and persist until the loader is released."""
+    return DataLoader(epoch_keyed(dataset), batch_sampler=EpochBatchSampler(len(dataset), batch_size, seed),
+                      collate_fn=collate_episodes, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, pin_memory=pin_memory,
+                      # each iterator draws the workers' base seed from it, never from the global RNG
+                      generator=torch.Generator().manual_seed(seed),
+                      multiprocessing_context=_worker_context(num_workers))
+
+
+def _stop_workers(loader: DataLoader) -> None:
+    """Shut down a loader's persistent worker processes now rather than at garbage collection."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
+
+
 @torch.no_grad()
 def validate(
     model: nn.Module,
@@ -230,7 +254,8 @@ def train(
 
     Args:
         model: the FSS network (e.g. :class:`~fss_core.models.fss.FSSNetwork`); moved to the device.
-        train_dataset: a dataset of ``Episode`` records (``set_epoch(e)`` is called when present).
+        train_dataset: a dataset of ``Episode`` records, taking ``(epoch, index)`` keys when it
+            has ``takes_epoch_keys``; else ``set_epoch(e)`` is called when present.
         val_dataset: episodes for model selection, never the test fold's novel classes; None
             skips validation (then no ``best.pt``). Validated every ``val_every`` epochs and after
             the last one.
@@ -276,66 +301,65 @@ def train(
         if callbacks.on_checkpoint is not None:
             callbacks.on_checkpoint(path, kind)
 
-    for epoch in range(start_epoch, settings.epochs):
-        started = time.perf_counter()
-        seed_everything(settings.seed + epoch)
-        if hasattr(train_dataset, "set_epoch"):
-            train_dataset.set_epoch(epoch)
-        loader = DataLoader(train_dataset, batch_size=settings.batch_size, shuffle=True, drop_last=True,
-                            generator=torch.Generator().manual_seed(settings.seed + epoch),
-                            collate_fn=collate_episodes, num_workers=settings.num_workers,
-                            pin_memory=device.type == "cuda",
-                            multiprocessing_context=_worker_context(settings.num_workers))
-        model.train()
-        loss_sum, sgd_lr = 0.0, 0.0
-        # On CUDA without loader processes, a thread prepares the next batches while the training
-        # thread waits on the GPU. On CPU it would compete with the step for the GIL and the cores
-        # (measured no faster: benchmarks/train_bench.py), so batches load in this thread.
-        batches = prefetched(loader) if settings.num_workers == 0 and device.type == "cuda" else loader
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{settings.epochs}",
-                   disable=not progress, leave=False)
-        for batch in bar:
-            global_it += 1
-            sgd_lr = poly_warmup_lr(settings.base_lr, global_it, max_it, steps_per_epoch, settings.power,
-                                    settings.sgd_lr_scale)
-            for group in sgd.param_groups:
-                group["lr"] = sgd_lr
-            batch = batch.to(device, non_blocking=True)
-            logits = _forward(model, batch, dtype, channels_last)
-            loss = dice_loss(logits, batch.query_mask, batch.query_padding)
-            value = loss.detach().item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"train: loss is {value} at epoch {epoch}, iteration {global_it}")
-            sgd.zero_grad(set_to_none=True)
-            adamw.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(sgd)
-            scaler.step(adamw)
-            scaler.update()
-            loss_sum += value
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{sgd_lr:.2e}")
-        bar.close()
+    loader = train_loader(train_dataset, settings.batch_size, settings.seed, settings.num_workers,
+                          pin_memory=device.type == "cuda")
+    try:
+        for epoch in range(start_epoch, settings.epochs):
+            started = time.perf_counter()
+            seed_everything(settings.seed + epoch)
+            loader.batch_sampler.set_epoch(epoch)
+            model.train()
+            loss_sum, sgd_lr = 0.0, 0.0
+            # On CUDA without loader processes, a thread prepares the next batches while the training
+            # thread waits on the GPU. On CPU it would compete with the step for the GIL and the cores
+            # (measured no faster: benchmarks/train_bench.py), so batches load in this thread.
+            batches = prefetched(loader) if settings.num_workers == 0 and device.type == "cuda" else loader
+            bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{settings.epochs}",
+                       disable=not progress, leave=False)
+            for batch in bar:
+                global_it += 1
+                sgd_lr = poly_warmup_lr(settings.base_lr, global_it, max_it, steps_per_epoch, settings.power,
+                                        settings.sgd_lr_scale)
+                for group in sgd.param_groups:
+                    group["lr"] = sgd_lr
+                batch = batch.to(device, non_blocking=True)
+                logits = _forward(model, batch, dtype, channels_last)
+                loss = dice_loss(logits, batch.query_mask, batch.query_padding)
+                value = loss.detach().item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"train: loss is {value} at epoch {epoch}, iteration {global_it}")
+                sgd.zero_grad(set_to_none=True)
+                adamw.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(sgd)
+                scaler.step(adamw)
+                scaler.update()
+                loss_sum += value
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{sgd_lr:.2e}")
+            bar.close()
 
-        metrics: dict[str, float] = {"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, "sgd_lr": sgd_lr,
-                                     "transformer_lr": adamw.param_groups[0]["lr"]}
-        if val_dataset is not None and ((epoch + 1) % settings.val_every == 0 or epoch + 1 == settings.epochs):
-            metrics["val_loss"], metrics["val_miou"] = validate(model, val_dataset, settings.batch_size, device,
-                                                                settings.seed, dtype, settings.num_workers)
-            if best_score is None or metrics["val_miou"] > best_score:
-                best_epoch, best_score = epoch, metrics["val_miou"]
-                save_checkpoint({"model": model.state_dict(), "epoch": epoch, "score": best_score,
-                                 "settings": settings.to_dict()}, best_path)
-                notify_checkpoint(best_path, "best")
-        metrics["seconds"] = time.perf_counter() - started
-        history.append(metrics)
-        logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
-        save_checkpoint({"model": model.state_dict(), "sgd": sgd.state_dict(), "adamw": adamw.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": epoch, "global_it": global_it,
-                         "steps_per_epoch": steps_per_epoch, "history": history, "best_epoch": best_epoch,
-                         "best_score": best_score, "rng": rng_state(), "settings": settings.to_dict()}, last_path)
-        notify_checkpoint(last_path, "last")
-        if callbacks.on_epoch_end is not None:
-            callbacks.on_epoch_end(epoch, dict(metrics))
+            metrics: dict[str, float] = {"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, "sgd_lr": sgd_lr,
+                                         "transformer_lr": adamw.param_groups[0]["lr"]}
+            if val_dataset is not None and ((epoch + 1) % settings.val_every == 0 or epoch + 1 == settings.epochs):
+                metrics["val_loss"], metrics["val_miou"] = validate(model, val_dataset, settings.batch_size, device,
+                                                                    settings.seed, dtype, settings.num_workers)
+                if best_score is None or metrics["val_miou"] > best_score:
+                    best_epoch, best_score = epoch, metrics["val_miou"]
+                    save_checkpoint({"model": model.state_dict(), "epoch": epoch, "score": best_score,
+                                     "settings": settings.to_dict()}, best_path)
+                    notify_checkpoint(best_path, "best")
+            metrics["seconds"] = time.perf_counter() - started
+            history.append(metrics)
+            logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
+            save_checkpoint({"model": model.state_dict(), "sgd": sgd.state_dict(), "adamw": adamw.state_dict(),
+                             "scaler": scaler.state_dict(), "epoch": epoch, "global_it": global_it,
+                             "steps_per_epoch": steps_per_epoch, "history": history, "best_epoch": best_epoch,
+                             "best_score": best_score, "rng": rng_state(), "settings": settings.to_dict()}, last_path)
+            notify_checkpoint(last_path, "last")
+            if callbacks.on_epoch_end is not None:
+                callbacks.on_epoch_end(epoch, dict(metrics))
+    finally:
+        _stop_workers(loader)
 
     save_checkpoint({"model": model.state_dict(), "epoch": settings.epochs - 1,
                      "score": history[-1].get("val_miou"), "settings": settings.to_dict()}, final_path)
