@@ -225,7 +225,12 @@ def test_persistent_loader_workers_draw_the_episodes_of_each_epoch(labelled):
         assert len(batches_0) == len(batches_1) == len(dataset) // 5
         for x, y in zip(batches_0, batches_1):
             assert (x.query_id, x.support_ids, x.class_id.tolist()) == (y.query_id, y.support_ids, y.class_id.tolist())
-            assert torch.equal(x.query_img, y.query_img) and torch.equal(x.support_masks, y.support_masks)
+            for name in ("query_img", "query_mask", "query_padding", "support_imgs", "support_masks",
+                         "support_padding", "class_id", "query_hw"):
+                assert torch.equal(getattr(x, name), getattr(y, name)), name
+            # a worker's batch arrives as one shared buffer (one file descriptor), the others' not
+            assert len({t.untyped_storage().data_ptr() for t in vars(y).values() if torch.is_tensor(t)}) == 1
+            assert y.query_img.untyped_storage().is_shared() and not x.query_img.untyped_storage().is_shared()
 
 
 def test_collate_stacks_episodes_for_a_dataloader(pseudo_data):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from fss_core.data.augment import EvalTransform, TrainTransform
 from fss_core.data.images import IGNORE_LABEL, load_label, load_rgb
@@ -80,22 +80,42 @@ class EpisodeBatch:
         return self._map_tensors(lambda t: t.pin_memory())
 
 
+def _stacked(groups: Sequence[Sequence[torch.Tensor]], shared: bool) -> list[torch.Tensor]:
+    """``torch.stack`` of each group; with ``shared``, every result is a view of one new
+    shared-memory buffer, so a loader worker hands the whole batch to the training process as one
+    file descriptor (one connection to the worker each) instead of one per tensor."""
+    if not shared:
+        return [torch.stack(list(group)) for group in groups]
+    offsets, end = [], 0
+    for group in groups:
+        start = -(-end // 8) * 8  # 8-byte aligned for every dtype
+        offsets.append(start)
+        end = start + len(group) * group[0].numel() * group[0].element_size()
+    buffer = torch.UntypedStorage._new_shared(end)
+    out = []
+    for group, offset in zip(groups, offsets):
+        first = group[0]
+        view = torch.empty(0, dtype=first.dtype).set_(buffer, offset // first.element_size(),
+                                                       (len(group), *first.shape))
+        out.append(torch.stack(list(group), out=view))
+    return out
+
+
 def collate_episodes(episodes: Sequence[Episode]) -> EpisodeBatch:
-    """Stack episodes into an :class:`EpisodeBatch` (use as ``DataLoader(collate_fn=...)``)."""
+    """Stack episodes into an :class:`EpisodeBatch` (use as ``DataLoader(collate_fn=...)``).
+
+    In a loader worker process the batch's tensors share one shared-memory buffer (see
+    :func:`_stacked`); the values are the same either way."""
     if not episodes:
         raise ValueError("cannot collate an empty list of episodes")
-    return EpisodeBatch(
-        query_img=torch.stack([e.query_img for e in episodes]),
-        query_mask=torch.stack([e.query_mask for e in episodes]),
-        query_padding=torch.stack([e.query_padding for e in episodes]),
-        support_imgs=torch.stack([e.support_imgs for e in episodes]),
-        support_masks=torch.stack([e.support_masks for e in episodes]),
-        support_padding=torch.stack([e.support_padding for e in episodes]),
-        class_id=torch.tensor([e.class_id for e in episodes], dtype=torch.int64),
-        query_id=[e.query_id for e in episodes],
-        support_ids=[list(e.support_ids) for e in episodes],
-        query_hw=torch.tensor([e.query_hw for e in episodes], dtype=torch.int64),
-    )
+    names = ("query_img", "query_mask", "query_padding", "support_imgs", "support_masks", "support_padding")
+    groups = [[getattr(e, name) for e in episodes] for name in names]
+    groups.append([torch.tensor(e.class_id, dtype=torch.int64) for e in episodes])
+    groups.append([torch.tensor(e.query_hw, dtype=torch.int64) for e in episodes])
+    tensors = _stacked(groups, shared=get_worker_info() is not None)
+    return EpisodeBatch(**dict(zip(names, tensors)), class_id=tensors[-2], query_hw=tensors[-1],
+                        query_id=[e.query_id for e in episodes],
+                        support_ids=[list(e.support_ids) for e in episodes])
 
 
 def binary_label(label: np.ndarray, class_id: int) -> np.ndarray:
