@@ -10,11 +10,13 @@ same initial weights, on the same episodes:
 - **in memory**: the very same episodes, drawn before the clock and served from a list.
 
 Target: loader step time <= 1.1x the in-memory step time (the loader never starves the model).
-Also shown: the loader alone (iterating the DataLoader, no model). The section "training" of
-docs/benchmarks.md.
+One row per loader worker count (``train.num_workers``; workers persist across epochs, so only the
+first epoch pays their start, shown apart). Also shown: the loader alone (iterating the DataLoader,
+no model). The section "training" of docs/benchmarks.md.
 
-    python benchmarks/train_bench.py            # demo-sized model (129 px, hidden 64), 2 x 3 epochs
+    python benchmarks/train_bench.py            # demo-sized model (129 px, hidden 64), 3 x 3 epochs
     python benchmarks/train_bench.py --quick    # 65 px, hidden 32, 1 x 2 epochs
+    python benchmarks/train_bench.py --num-workers 0 1 2 --repeats 4
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from harness import RunInfo, add_common_arguments, out_path, single_thread, table, verdict, write_section
 
@@ -46,10 +48,10 @@ class Setting:
     images: int
     epochs: int
     repeats: int
-    num_workers: int = 0
+    num_workers: tuple[int, ...] = (0, 1)
 
 
-FULL = Setting(image_size=129, hidden=64, ffn=192, heads=8, batch_size=8, images=160, epochs=3, repeats=2)
+FULL = Setting(image_size=129, hidden=64, ffn=192, heads=8, batch_size=8, images=160, epochs=3, repeats=3)
 QUICK = Setting(image_size=65, hidden=32, ffn=64, heads=4, batch_size=4, images=48, epochs=2, repeats=1)
 
 
@@ -108,15 +110,15 @@ def run_train(setting: Setting, dataset, folder: Path, num_workers: int) -> list
     return [h["seconds"] / steps for h in result.history]
 
 
-def loader_alone(setting: Setting, dataset) -> float:
-    """Seconds per batch of iterating the trainer's DataLoader without a model."""
-    from fss_core.data.episodes import collate_episodes
-    from fss_core.training.trainer import _worker_context
+def loader_alone(setting: Setting, dataset, num_workers: int) -> float:
+    """Seconds per batch of iterating the trainer's DataLoader without a model: its second epoch,
+    after the first has started the workers."""
+    from fss_core.training.trainer import train_loader
 
-    dataset.set_epoch(0)
-    loader = DataLoader(dataset, batch_size=setting.batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(0), collate_fn=collate_episodes,
-                        num_workers=setting.num_workers, multiprocessing_context=_worker_context(setting.num_workers))
+    loader = train_loader(dataset, setting.batch_size, seed=0, num_workers=num_workers)
+    for _ in loader:
+        pass
+    loader.batch_sampler.set_epoch(1)
     start = time.perf_counter()
     steps = sum(1 for _ in loader)
     return (time.perf_counter() - start) / steps
@@ -125,46 +127,67 @@ def loader_alone(setting: Setting, dataset) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (train.num_workers)")
+    parser.add_argument("--num-workers", type=int, nargs="+", default=None,
+                        help="DataLoader worker counts (train.num_workers), one row each (default 0 1)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved training runs per variant (default 3, quick 1)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     single_thread()
     setting = QUICK if args.quick else FULL
-    setting = Setting(**{**setting.__dict__, "num_workers": args.num_workers})
+    if args.num_workers is not None:
+        setting = Setting(**{**setting.__dict__, "num_workers": tuple(args.num_workers)})
+    if args.repeats is not None:
+        setting = Setting(**{**setting.__dict__, "repeats": args.repeats})
     info = RunInfo()
     work = args.work or Path(tempfile.mkdtemp(prefix="train-bench-"))
     dataset = build(setting, work)
     memory = InMemoryEpisodes(dataset, setting.epochs)
-    loader_step = loader_alone(setting, dataset)
-    real, cached = [], []
-    for _ in range(setting.repeats):  # interleaved, so a change of load hits both alike
-        real += run_train(setting, dataset, work / "real", setting.num_workers)
-        cached += run_train(setting, memory, work / "memory", 0)  # served from this process's memory
+    loader_step = {w: loader_alone(setting, dataset, w) for w in setting.num_workers}
+    real: dict[int, list[list[float]]] = {w: [] for w in setting.num_workers}
+    cached: list[list[float]] = []
+    for _ in range(setting.repeats):  # interleaved, so a change of load hits every variant alike
+        for w in setting.num_workers:
+            real[w].append(run_train(setting, dataset, work / "real", w))
+        cached.append(run_train(setting, memory, work / "memory", 0))  # served from this process's memory
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     info.finish()
-    step_real, step_memory = statistics.median(real), statistics.median(cached)
-    ratio = step_real / step_memory
-    print(f"step: loader {step_real:.3f} s, in memory {step_memory:.3f} s, ratio {ratio:.2f}; "
-          f"loader alone {loader_step:.3f} s/batch", flush=True)
+
+    def medians(runs: list[list[float]]) -> tuple[float, float]:
+        """Median step time over all epochs, and over first epochs alone."""
+        return statistics.median(t for run in runs for t in run), statistics.median(run[0] for run in runs)
+
+    step_memory, first_memory = medians(cached)
     s = setting
-    rows = [[f"{s.image_size} px", f"{s.hidden} / {s.ffn} / {s.heads}", s.batch_size, len(dataset), s.num_workers,
-             f"{1000 * step_memory:.0f}", f"{1000 * step_real:.0f}", f"**{ratio:.2f}**", verdict(ratio <= TARGET),
-             f"{1000 * loader_step:.0f}", f"{loader_step / step_memory:.2f}"]]
+    rows = []
+    for w in s.num_workers:
+        step_real, first_real = medians(real[w])
+        ratio = step_real / step_memory
+        print(f"{w} loader workers: step {step_real:.3f} s, in memory {step_memory:.3f} s, ratio {ratio:.2f}; "
+              f"first epoch {first_real:.3f} s against {first_memory:.3f} s; loader alone {loader_step[w]:.3f} "
+              "s/batch", flush=True)
+        rows.append([f"{s.image_size} px", f"{s.hidden} / {s.ffn} / {s.heads}", s.batch_size, len(dataset), w,
+                     f"{1000 * step_memory:.0f}", f"{1000 * step_real:.0f}", f"**{ratio:.2f}**",
+                     verdict(ratio <= TARGET), f"{first_real / first_memory:.2f}", f"{1000 * loader_step[w]:.0f}",
+                     f"{loader_step[w] / step_memory:.2f}"])
     body = "\n".join([
         info.line("train_bench.py"),
         "",
         "One torch thread; CPU, float32 (the trainer's CPU path); small_cnn backbone (random weights), 1 shot. "
         f"Step times are medians over {s.repeats} x {s.epochs} epochs (epoch seconds / steps, as the trainer "
-        "records them: loading, forward, loss, backward, both optimiser steps), the two variants interleaved. "
+        "records them: loading, forward, loss, backward, both optimiser steps), the variants interleaved. "
         "*in memory*: the same episodes drawn before the clock and served from a list through the same "
-        "DataLoader and collate, in the training process. *loader workers*: `train.num_workers` of the "
-        "episode-loader run (0, the default: episodes are loaded in the training thread on CPU). *loader "
-        "alone*: one epoch of the trainer's DataLoader with no model.",
+        "DataLoader and collate, in the training process, with no loader workers. *loader workers*: "
+        "`train.num_workers` of the episode-loader run (0, the default: episodes are loaded in the training "
+        "thread; >= 1: spawned loader processes that persist across the run's epochs). *first epoch*: the "
+        "same ratio over first epochs alone, which pay the workers' start. *loader alone*: the second epoch "
+        "of the trainer's DataLoader with no model.",
         "",
         *table(["image", "hidden / ffn / heads", "batch", "episodes / epoch", "loader workers",
                 "in-memory step ms", "episode-loader step ms", "loader / in memory", f"target <= {TARGET}",
-                "loader alone ms / batch", "loader alone / in-memory step"], rows, "llrrrrrrlrr"),
+                "first epoch: loader / in memory", "loader alone ms / batch", "loader alone / in-memory step"],
+               rows, "llrrrrrrlrrr"),
     ])
     write_section(out_path(args), "training", body)
     print(body)
