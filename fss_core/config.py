@@ -134,7 +134,9 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     val_fraction: float = Field(0.1, gt=0, lt=1, description="images held out for model selection")
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(
+        0, ge=0, description="episode-loader processes, kept for the whole run; 0 = load in the training process "
+                             "(on CPU, 1 is faster only with a core free for it: docs/benchmarks.md, training)")
 
 
 class EvaluateConfig(_Section):
