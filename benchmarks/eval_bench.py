@@ -18,25 +18,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from harness import RunInfo, add_common_arguments, interleaved, out_path, single_thread, table, write_section
+from harness import RunInfo, interleaved, out_path, parse_timed_arguments, table, write_section
 
 CLASSES = 8
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved runs per variant (default 3, quick 1)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    single_thread()
+    args = parse_timed_arguments(parser)
     from fss_core.data.layouts import read_voc
     from fss_core.data.synthetic import synthesize
     from fss_core.evaluation.protocol import (

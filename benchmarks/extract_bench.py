@@ -18,7 +18,6 @@ The section "extraction" of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness import PeakMemory, RunInfo, add_common_arguments, interleaved, mib, out_path, single_thread, table, \
+from harness import PeakMemory, RunInfo, interleaved, mib, out_path, parse_timed_arguments, table, \
     verdict, write_section
 from storage_schemas.stores import IMAGES_PER_BLOCK
 
@@ -148,11 +147,7 @@ def markdown(results: list[dict], info: RunInfo) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved runs per variant (default 3, quick 1)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    single_thread()
+    args = parse_timed_arguments(parser)
     info = RunInfo()
     work = args.work or Path(tempfile.mkdtemp(prefix="extract-bench-"))
     repeats = args.repeats or (1 if args.quick else 3)

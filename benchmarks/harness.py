@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import platform
 import re
@@ -34,6 +35,18 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"markdown file whose section is replaced (default {DOC.relative_to(REPO)}, "
                              f"or {QUICK_DOC.relative_to(REPO)} with --quick)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a fresh temp folder)")
+
+
+def parse_timed_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The common options plus ``--repeats`` (interleaved runs per variant; None leaves the
+    script's default, 3 or 1 with ``--quick``), parsed; then WARNING logging and one torch thread,
+    as every timed CPU script runs."""
+    add_common_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved runs per variant (default 3, quick 1)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    single_thread()
+    return args
 
 
 def out_path(args: argparse.Namespace) -> Path:

@@ -22,7 +22,6 @@ no model). The section "training" of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import statistics
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from harness import RunInfo, add_common_arguments, out_path, single_thread, table, verdict, write_section
+from harness import RunInfo, out_path, parse_timed_arguments, table, verdict, write_section
 
 TARGET = 1.1
 
@@ -126,14 +125,9 @@ def loader_alone(setting: Setting, dataset, num_workers: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
     parser.add_argument("--num-workers", type=int, nargs="+", default=None,
                         help="DataLoader worker counts (train.num_workers), one row each (default 0 1)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="interleaved training runs per variant (default 3, quick 1)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    single_thread()
+    args = parse_timed_arguments(parser)
     setting = QUICK if args.quick else FULL
     if args.num_workers is not None:
         setting = Setting(**{**setting.__dict__, "num_workers": tuple(args.num_workers)})
