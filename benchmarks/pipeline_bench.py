@@ -277,23 +277,6 @@ def _stages(run: dict) -> dict[str, dict]:
     return stages
 
 
-def add_train_images(root: Path, count: int, classes: int, size: int) -> None:
-    """``count`` new images drawn into the synthetic source and listed as training images."""
-    from fss_core.data.images import save_label, save_rgb
-    from fss_core.data.synthetic import class_model, render_image
-
-    specs = class_model(classes)
-    lines = []
-    for i in range(count):
-        rgb, label = render_image(10_000 + i, 99, specs, size, (1, 2))
-        image_id = f"new_{i:04d}"
-        save_rgb(root / "JPEGImages" / f"{image_id}.jpg", rgb)
-        save_label(root / "SegmentationClassAug" / f"{image_id}.png", label)
-        lines.append(f"JPEGImages/{image_id}.jpg SegmentationClassAug/{image_id}.png\n")
-    with open(root / "lists" / "train.txt", "a") as fh:
-        fh.writelines(lines)
-
-
 def orchestration(args, env: dict, work: Path) -> str:
     images = 40 if args.quick else 240
     # the default canvas (473 px) in the measured run: extraction and clustering at their real size
@@ -312,11 +295,12 @@ def orchestration(args, env: dict, work: Path) -> str:
     for _ in range(0 if args.quick else 2):  # interleaved cached re-runs: the workers' preload against none
         with_preload.append(run_flow("pipeline", ws, overrides, env, work)["process_wall"])
         without_preload.append(run_flow("pipeline", ws, overrides, env, work, without_preload=True)["process_wall"])
+    from fss_core.data.synthetic import append_train_images
     from storage_schemas import EMBEDDINGS, open_store
 
     known = len(open_store(ws / "embeddings.zarr", EMBEDDINGS).attrs["image_ids"])
     new = max(1, round(known / 10))
-    add_train_images(ws / "data" / "synthetic", new, 4 if args.quick else 8, 64 if args.quick else 128)
+    append_train_images(ws / "data" / "synthetic", new, 4 if args.quick else 8, 64 if args.quick else 128)
     incremental = run_flow("retrain", ws, overrides, env, work)
     if incremental["extracted"] != new:
         raise RuntimeError(f"the retrain flow embedded {incremental['extracted']} images, expected the {new} new ones")

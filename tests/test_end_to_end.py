@@ -7,6 +7,7 @@ import pytest
 
 from fss_core.config import load_config
 from fss_core.data.manifest import read_manifest
+from fss_core.data.synthetic import append_train_images
 from tests.tiny_config import TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
@@ -82,23 +83,6 @@ def test_changed_cluster_setting_reruns_cluster_and_later_stages_only(workspace)
     assert not r["task_index"].cached and not r["train"].cached and not r["evaluate"].cached
 
 
-def _add_train_images(root, count):
-    """Draw ``count`` new images into the synthetic source and list them as training images."""
-    from fss_core.data.images import save_label, save_rgb
-    from fss_core.data.synthetic import class_model, render_image
-
-    specs = class_model(4)
-    lines = []
-    for i in range(count):
-        rgb, label = render_image(10_000 + i, 99, specs, 64, (1, 2))
-        image_id = f"new_{i:03d}"
-        save_rgb(root / "JPEGImages" / f"{image_id}.jpg", rgb)
-        save_label(root / "SegmentationClassAug" / f"{image_id}.png", label)
-        lines.append(f"JPEGImages/{image_id}.jpg SegmentationClassAug/{image_id}.png\n")
-    with open(root / "lists" / "train.txt", "a") as fh:
-        fh.writelines(lines)
-
-
 def test_retrain_embeds_only_new_images_and_starts_from_the_champion(workspace):
     from flows.retrain import retrain
     from storage_schemas import CLUSTERS, EMBEDDINGS, open_store
@@ -111,7 +95,7 @@ def test_retrain_embeds_only_new_images_and_starts_from_the_champion(workspace):
 
     known = len(open_store(workspace / "embeddings.zarr", EMBEDDINGS).attrs["image_ids"])
     new = max(1, known // 10)
-    _add_train_images(workspace / "data" / "synthetic", new)
+    append_train_images(workspace / "data" / "synthetic", new, classes=4, size=64)
     old_features = open_store(workspace / "embeddings.zarr", EMBEDDINGS)["features"][:known]
 
     result = retrain(overrides=overrides)

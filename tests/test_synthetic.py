@@ -12,7 +12,7 @@ from PIL import Image
 from scipy import ndimage
 
 from fss_core.data.images import load_label, load_rgb
-from fss_core.data.synthetic import class_model, render_image, synthesize
+from fss_core.data.synthetic import append_train_images, class_model, render_image, synthesize
 
 CLASSES, IMAGES, SIZE, SEED = 8, 40, 64, 3
 
@@ -135,6 +135,19 @@ def test_an_image_can_be_drawn_on_its_own(dataset):
     assert np.array_equal(label, load_label(dataset.root / lab_rel))
     # JPEG is lossy: the stored image matches up to compression error.
     assert np.abs(rgb.astype(int) - load_rgb(dataset.root / img_rel)).mean() < 6
+
+
+def test_appended_images_are_listed_as_train_after_the_existing_ones(tmp_path):
+    root = synthesize(tmp_path / "data", seed=SEED, classes=CLASSES, images=2 * CLASSES, size=SIZE).root
+    before, val_before = _pairs(root, "train"), _pairs(root, "val")
+    ids = append_train_images(root, 3, CLASSES, SIZE)
+    after = _pairs(root, "train")
+    assert ids == ["new_0000", "new_0001", "new_0002"]
+    assert after[:len(before)] == before
+    assert after[len(before):] == [[f"JPEGImages/{x}.jpg", f"SegmentationClassAug/{x}.png"] for x in ids]
+    _, label = render_image(10_001, 99, class_model(CLASSES), SIZE, (1, 2))
+    assert np.array_equal(load_label(root / after[-2][1]), label)
+    assert _pairs(root, "val") == val_before
 
 
 def test_class_k_is_the_same_whatever_the_class_count():

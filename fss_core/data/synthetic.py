@@ -162,6 +162,23 @@ def synthesize(
                         lists["train"], lists["val"], classes_json)
 
 
+def append_train_images(root: str | os.PathLike, count: int, classes: int, size: int, seed: int = 99,
+                        first_index: int = 10_000) -> list[str]:
+    """Draw ``count`` more images into the dataset at ``root`` and append them to ``lists/train.txt``:
+    new unlabelled data arriving, which retraining picks up. Image ``i`` is drawn as index
+    ``first_index + i`` with ``seed`` (one or two objects) and named ``new_{i:04d}``. Returns the ids."""
+    root = Path(root)
+    specs = class_model(classes)
+    ids = [f"new_{i:04d}" for i in range(count)]
+    for i, image_id in enumerate(ids):
+        rgb, label = render_image(first_index + i, seed, specs, size, (1, 2))
+        save_rgb(root / "JPEGImages" / f"{image_id}.jpg", rgb)
+        save_label(root / "SegmentationClassAug" / f"{image_id}.png", label)
+    with open(root / "lists" / "train.txt", "a") as fh:
+        fh.writelines(f"JPEGImages/{x}.jpg SegmentationClassAug/{x}.png\n" for x in ids)
+    return ids
+
+
 def class_model(classes: int) -> list[ClassSpec]:
     """The distributions of classes ``1..classes``; class k is the same whatever the count."""
     return [_class_spec(k) for k in range(1, classes + 1)]
