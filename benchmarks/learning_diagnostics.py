@@ -46,6 +46,7 @@ from fss_core.evaluation import protocol
 from fss_core.evaluation.baseline import PrototypeBaseline
 from fss_core.models.fss.bundle import load_bundle
 from fss_core.models.fss.network import prior_mask
+from tasks.evaluate import episode_min_area
 from tasks.pseudo import dataset_num_classes
 from tasks.train import _datasets, records
 
@@ -213,7 +214,7 @@ class CountingMetric(protocol.FewShotSegMetric):
 def novel_classes(cfg, predictors: dict, folds: list[int], episodes: int, image_size: int, out: Path) -> dict:
     val = records(cfg, "val")
     n_classes = dataset_num_classes(cfg)
-    min_area = max(1, round(cfg.pseudo.min_area * (image_size / cfg.pseudo.area_reference) ** 2))
+    min_area = episode_min_area(cfg, image_size)
     results = {}
     protocol.FewShotSegMetric = CountingMetric  # the protocol builds its metric by this name
     for name, predictor in predictors.items():

@@ -13,7 +13,7 @@ from fss_core.evaluation.baseline import PrototypeBaseline
 from fss_core.evaluation.protocol import ModelPredictor, default_episodes, run_protocol
 from fss_core.models.backbones import build_backbone
 from fss_core.models.fss.bundle import load_bundle
-from tasks.evaluate import EvalRow, comparison_table
+from tasks.evaluate import EvalRow, comparison_table, episode_min_area
 from tasks.extract import device_for
 from tasks.pseudo import dataset_num_classes
 from tasks.workspace import source_root
@@ -47,7 +47,7 @@ def evaluate_standalone(cfg: PipelineConfig, bundle: Path | None, out: Path, pre
         raise SystemExit(f"no labelled val images under {source_root(cfg)}")
     e = cfg.evaluate
     n_episodes = e.episodes or default_episodes(cfg.data.fold_scheme)
-    min_area = max(1, round(cfg.pseudo.min_area * (size / cfg.pseudo.area_reference) ** 2))
+    min_area = episode_min_area(cfg, size)
     rows = []
     for fold in e.folds:
         split = fold_split(cfg.data.fold_scheme, fold, dataset_num_classes(cfg))

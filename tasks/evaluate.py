@@ -20,7 +20,14 @@ from prefect import task
 from fss_core.config import PipelineConfig
 from fss_core.data.folds import fold_split
 from fss_core.evaluation.baseline import PrototypeBaseline
-from fss_core.evaluation.protocol import METRICS_FILE, ModelPredictor, Predictor, default_episodes, run_protocol
+from fss_core.evaluation.protocol import (
+    DEFAULT_IMAGE_SIZE,
+    METRICS_FILE,
+    ModelPredictor,
+    Predictor,
+    default_episodes,
+    run_protocol,
+)
 from fss_core.models.backbones import build_backbone
 from fss_core.models.fss.bundle import load_bundle
 from tasks.compare import ComparedModel, method_label, method_order
@@ -255,6 +262,12 @@ def run_evaluate(cfg: PipelineConfig, trained: TrainOutcome, extraction: Backbon
     return summary
 
 
+def episode_min_area(cfg: PipelineConfig, size: int) -> int:
+    """``evaluate.min_area`` (defined at 473², the protocol's input size) scaled to an evaluation
+    input of ``size`` px: the area from which a novel class counts in a val image."""
+    return max(1, round(cfg.evaluate.min_area * (size / DEFAULT_IMAGE_SIZE) ** 2))
+
+
 def _evaluated(cfg: PipelineConfig, method: _Method, folder: Path, val, split, shots: int, n_episodes: int,
                progress: bool | None = None) -> dict:
     """The protocol's aggregate ``metrics.json`` in ``folder``: read back when there, else computed."""
@@ -263,9 +276,7 @@ def _evaluated(cfg: PipelineConfig, method: _Method, folder: Path, val, split, s
         return json.loads(done.read_text())
     e = cfg.evaluate
     predictor, size = method.predictor()
-    # The 2·32·32 px rule is defined at 473²; scale it to the evaluation input size.
-    min_area = max(1, round(cfg.pseudo.min_area * (size / cfg.pseudo.area_reference) ** 2))
-    return run_protocol(predictor, val, split, shots, n_episodes, e.seeds, size, min_area, folder,
+    return run_protocol(predictor, val, split, shots, n_episodes, e.seeds, size, episode_min_area(cfg, size), folder,
                         n_overlays=e.overlays if method.overlays else 0,
                         progress=cfg.runtime.progress if progress is None else progress)
 

@@ -123,3 +123,20 @@ def test_cli_logging_hides_library_chatter_unless_debugging(monkeypatch):
     monkeypatch.setenv("FSS_DEBUG", "1")
     main._setup_logging()
     assert logging.getLogger("httpx").level == logging.NOTSET
+
+
+def test_evaluation_episodes_do_not_move_with_pseudo_task_settings():
+    """The protocol's 2·32·32 px rule picks the test episodes; changing which pseudo-classes train
+    the model (pseudo.min_area) must leave the test set, and so the baseline's score, alone."""
+    from tasks.evaluate import episode_min_area
+    from tasks.keys import build_key
+
+    default = load_config()
+    assert episode_min_area(default, 473) == 2048
+    assert episode_min_area(default, 129) == round(2048 * (129 / 473) ** 2) == 152
+    larger_pseudo = load_config(None, ["pseudo.min_area=12000"])
+    assert episode_min_area(larger_pseudo, 129) == 152
+    assert build_key("evaluate", larger_pseudo, "m") == build_key("evaluate", default, "m")
+    stricter = load_config(None, ["evaluate.min_area=4096"])
+    assert episode_min_area(stricter, 473) == 4096
+    assert build_key("evaluate", stricter, "m") != build_key("evaluate", default, "m")
