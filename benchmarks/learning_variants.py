@@ -16,6 +16,11 @@ tests undo it):
   and training learns a correction.
 - ``softmax_dice``: the dice loss on the softmax of the two channels (whose argmax is the
   prediction) instead of the reference's independent sigmoids.
+- ``relation``: the network's output is replaced by a three-layer CNN over maps of how each query
+  cell relates to the support (:func:`relation_maps`), plus the ``residual`` term; the transformer
+  is not run. Such a learner sees no query feature itself, so it cannot learn what a training
+  class looks like, only how similarity maps turn into masks. Its last layer starts at zero, so
+  it too starts as the baseline.
 
 The stages are keyed by the config, which does not know these patches, so every run gets a fresh
 workspace: ``--workspace`` must not exist; the upstream stores (data, backbone, embeddings,
@@ -54,7 +59,8 @@ BORDER_BAND = 16
 BORDER_MAX_SHARE = 0.1
 RESIDUAL_START = (10.0, 0.6)  # scale s, threshold t
 UPSTREAM = ("backbone", "clusters.zarr", "data", "embeddings.zarr", "manifest.jsonl", "pseudo_masks")
-VARIANTS = ("border", "residual", "softmax_dice")
+VARIANTS = ("border", "residual", "softmax_dice", "relation")
+RELATION_HIDDEN = 32
 
 
 def patch_border(set_attr=setattr) -> None:
@@ -110,6 +116,69 @@ def patch_residual(set_attr=setattr) -> None:
     set_attr(network.FSSNetwork, "forward", forward_with_residual)
 
 
+def relation_maps(backbone, query_img, support_imgs, support_masks, query_padding):
+    """Maps of how each query cell relates to the support, at the layer3 grid ``[B, 5, h, w]``:
+    the baseline's min-max cosine to the prototype (layer3+4), the raw cosine to the prototype of
+    layer3 and of layer4, the PFENet prior (layer4) and the min-max cosine to the support's
+    background prototype. None of them carries the query's own features, so a network that reads
+    only these cannot learn what a training class looks like."""
+    batch, shots = support_imgs.shape[:2]
+    with torch.no_grad():
+        q = backbone(query_img)
+        s = backbone(support_imgs.flatten(0, 1))
+    size = tuple(q["layer3"].shape[-2:])
+    fg = F.interpolate((support_masks == 1).flatten(0, 1)[:, None].float(), size=size, mode="bilinear",
+                       align_corners=True).view(batch, shots, 1, *size)
+    bg = F.interpolate((support_masks == 0).flatten(0, 1)[:, None].float(), size=size, mode="bilinear",
+                       align_corners=True).view(batch, shots, 1, *size)
+    valid = ~network._downsample_bool(query_padding, size)[:, None]
+    maps = []
+    for layers in (("layer3", "layer4"),):
+        qu = network._unit_features(q, layers)
+        su = network._unit_features(s, layers).view(batch, shots, -1, *size)
+        maps.append(network.prototype_prior(qu, su, fg, valid))
+        maps.append(network.prototype_prior(qu, su, bg, valid))
+    for layer in ("layer3", "layer4"):
+        qu = network._unit_features(q, (layer,))
+        su = network._unit_features(s, (layer,)).view(batch, shots, -1, *size)
+        prototype = F.normalize(((su * fg).sum((3, 4)) / fg.sum((3, 4)).clamp_min(1e-4)).mean(1), dim=1)
+        maps.append(torch.einsum("bchw,bc->bhw", qu, prototype)[:, None] * valid)
+    q4 = F.interpolate(q["layer4"], size=size, mode="bilinear", align_corners=True)
+    s4 = F.interpolate(s["layer4"], size=size, mode="bilinear", align_corners=True).view(batch, shots, -1, *size)
+    maps.append(network.prior_mask(q4, s4, fg) * valid)
+    return torch.cat(maps, dim=1)
+
+
+def patch_relation(set_attr=setattr) -> None:
+    """Replace the network's output by a small CNN over :func:`relation_maps` plus the residual
+    baseline term: a learner that sees only query-support relations (the transformer is not run)."""
+    init = network.FSSNetwork.__init__
+
+    def __init__(self, backbone, config=None):
+        init(self, backbone, config)
+        self.residual_scale = nn.Parameter(torch.tensor(RESIDUAL_START[0]))
+        self.residual_threshold = nn.Parameter(torch.tensor(RESIDUAL_START[1]))
+        self.relation_head = nn.Sequential(
+            nn.Conv2d(5, RELATION_HIDDEN, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(RELATION_HIDDEN, RELATION_HIDDEN, 3, padding=2, dilation=2), nn.ReLU(inplace=True),
+            nn.Conv2d(RELATION_HIDDEN, 2, 3, padding=1))
+        nn.init.zeros_(self.relation_head[-1].weight)
+        nn.init.zeros_(self.relation_head[-1].bias)
+
+    def forward_relation(self, query_img, support_imgs, support_masks, query_padding=None,
+                         support_padding=None, generator=None):
+        if query_padding is None:
+            query_padding = torch.zeros(query_img.shape[0], *query_img.shape[-2:], dtype=torch.bool,
+                                        device=query_img.device)
+        maps = relation_maps(self.backbone, query_img, support_imgs, support_masks, query_padding)
+        half = self.residual_scale * (maps[:, :1] - self.residual_threshold) / 2
+        logits = self.relation_head(maps) + torch.cat([-half, half], dim=1)
+        return F.interpolate(logits, size=query_img.shape[-2:], mode="bilinear", align_corners=True)
+
+    set_attr(network.FSSNetwork, "__init__", __init__)
+    set_attr(network.FSSNetwork, "forward", forward_relation)
+
+
 def patch_softmax_dice(set_attr=setattr) -> None:
     """The trainer's loss (training and validation) on softmax probabilities."""
 
@@ -127,7 +196,8 @@ def patch_softmax_dice(set_attr=setattr) -> None:
     set_attr(trainer, "dice_loss", softmax_dice)
 
 
-PATCHES = {"border": patch_border, "residual": patch_residual, "softmax_dice": patch_softmax_dice}
+PATCHES = {"border": patch_border, "residual": patch_residual, "softmax_dice": patch_softmax_dice,
+           "relation": patch_relation}
 
 
 def main() -> None:

@@ -47,6 +47,24 @@ def _interior(size: int, band: int) -> np.ndarray:
     return inside
 
 
+def _thresholded_similarity(model, query, supports, support_masks):
+    """The baseline's min-max cosine to the prototype (layer3+4) as a logit, 10 · (sim − 0.6), at
+    the image size, and the similarity itself at the layer3 grid."""
+    with torch.no_grad():
+        q, s = model.backbone(query), model.backbone(supports.flatten(0, 1))
+    size = tuple(q["layer3"].shape[-2:])
+    batch, shots = supports.shape[:2]
+    fg = F.interpolate((support_masks == 1).flatten(0, 1)[:, None].float(), size=size, mode="bilinear",
+                       align_corners=True)
+    layers = ("layer3", "layer4")
+    similarity = network.prototype_prior(network._unit_features(q, layers),
+                                         network._unit_features(s, layers).view(batch, shots, -1, *size),
+                                         fg.view(batch, shots, 1, *size),
+                                         torch.ones(batch, 1, *size, dtype=torch.bool))
+    logit = F.interpolate(10.0 * (similarity - 0.6), size=query.shape[-2:], mode="bilinear", align_corners=True)
+    return logit[:, 0], similarity
+
+
 def test_residual_variant_starts_as_the_thresholded_similarity(variants):
     module, set_attr = variants
     module.patch_residual(set_attr)
@@ -54,17 +72,36 @@ def test_residual_variant_starts_as_the_thresholded_similarity(variants):
     query, supports, support_masks, _ = toy_episode(1)
     with torch.no_grad():
         logits = model(query, supports, support_masks)
-        q, s = model.backbone(query), model.backbone(supports.flatten(0, 1))
-    size = tuple(q["layer3"].shape[-2:])
-    fg = F.interpolate((support_masks == 1).flatten(0, 1)[:, None].float(), size=size, mode="bilinear",
-                       align_corners=True)
-    layers = ("layer3", "layer4")
-    similarity = network.prototype_prior(network._unit_features(q, layers),
-                                         network._unit_features(s, layers).view(2, 1, -1, *size),
-                                         fg.view(2, 1, 1, *size), torch.ones(2, 1, *size, dtype=torch.bool))
-    expected = F.interpolate(10.0 * (similarity - 0.6), size=query.shape[-2:], mode="bilinear", align_corners=True)
-    torch.testing.assert_close(logits[:, 1] - logits[:, 0], expected[:, 0], atol=1e-5, rtol=1e-5)
+    expected, _ = _thresholded_similarity(model, query, supports, support_masks)
+    torch.testing.assert_close(logits[:, 1] - logits[:, 0], expected, atol=1e-5, rtol=1e-5)
     assert {"residual_scale", "residual_threshold"} <= {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_relation_variant_starts_as_the_baseline_and_reads_only_relations(variants):
+    module, set_attr = variants
+    module.patch_relation(set_attr)
+    model = make_model(adapter_layers=("layer3", "layer4")).eval()
+    query, supports, support_masks, _ = toy_episode(1)
+    padding = torch.zeros(query.shape[0], *query.shape[-2:], dtype=torch.bool)
+    with torch.no_grad():
+        logits = model(query, supports, support_masks)
+        maps = module.relation_maps(model.backbone, query, supports, support_masks, padding)
+    expected, similarity = _thresholded_similarity(model, query, supports, support_masks)
+    torch.testing.assert_close(logits[:, 1] - logits[:, 0], expected, atol=1e-5, rtol=1e-5)
+    assert maps.shape == (2, 5, *similarity.shape[-2:])
+    torch.testing.assert_close(maps[:, :1], similarity)
+    # the fg and bg prototype maps are min-max normalised, the raw cosines lie in [-1, 1]
+    assert float(maps[:, :2].amin()) == 0.0 and float(maps[:, :2].amax()) == pytest.approx(1.0)
+    assert float(maps[:, 2:4].abs().amax()) <= 1.0 + 1e-6
+    # what it learns is a function of the relation maps: the transformer's weights play no part
+    with torch.no_grad():
+        model.relation_head[-1].weight.normal_()
+        trained = model(query, supports, support_masks)
+        for name, parameter in model.named_parameters():
+            if "transformer" in name:
+                parameter.mul_(3.0).add_(1.0)
+        assert torch.equal(model(query, supports, support_masks), trained)
+    assert not torch.allclose(trained, logits)
 
 
 def test_softmax_dice_variant_scores_the_softmax_and_ignores_255(variants):
