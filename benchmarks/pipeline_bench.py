@@ -82,6 +82,14 @@ def child(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING)
     overrides = [f"runtime.workspace={args.workspace}", *args.set]
     cfg = load_config(None, overrides)
+    if args.spawn:  # the forkserver's baseline: each worker spawned, importing the stack itself
+        import flows.dask_runtime
+
+        flows.dask_runtime.start_worker_forkserver = lambda: False
+    else:  # as `fss run` does: the forkserver's imports overlap with this process's own
+        from flows.dask_runtime import start_worker_forkserver
+
+        start_worker_forkserver()
     import flows.pipeline
     import flows.retrain
 
@@ -223,12 +231,13 @@ class TreeMemory:
 
 
 def run_flow(flow: str, workspace: Path, overrides: list[str], env: dict, work: Path,
-             without_preload: bool = False) -> dict:
-    """One flow in a fresh process; its timings, task runs and memory samples."""
+             flags: tuple[str, ...] = ()) -> dict:
+    """One flow in a fresh process (``flags``: the child's baseline switches, ``--spawn``,
+    ``--without-preload``); its timings, task runs and memory samples."""
     result = work / f"result-{time.time_ns()}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "child", flow, "--workspace", str(workspace),
            "--result", str(result), *sum((["--set", s] for s in overrides), []),
-           *(["--without-preload"] if without_preload else [])]
+           *flags]
     log = result.with_suffix(".log")
     start = time.time()
     with open(log, "w") as out:
@@ -291,10 +300,11 @@ def orchestration(args, env: dict, work: Path) -> str:
     ephemeral_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
     # the measured run only (a quick run keeps to the rows with targets): no server; the preload's baseline
     cached_ephemeral = None if args.quick else run_flow("pipeline", ws, overrides, ephemeral_env, work)
-    with_preload, without_preload = [], []
-    for _ in range(0 if args.quick else 2):  # interleaved cached re-runs: the workers' preload against none
+    with_preload, without_preload, spawned = [], [], []
+    for _ in range(0 if args.quick else 2):  # interleaved cached re-runs against the baselines
         with_preload.append(run_flow("pipeline", ws, overrides, env, work)["process_wall"])
-        without_preload.append(run_flow("pipeline", ws, overrides, env, work, without_preload=True)["process_wall"])
+        without_preload.append(run_flow("pipeline", ws, overrides, env, work, ("--without-preload",))["process_wall"])
+        spawned.append(run_flow("pipeline", ws, overrides, env, work, ("--spawn",))["process_wall"])
     from fss_core.data.synthetic import append_train_images
     from storage_schemas import EMBEDDINGS, open_store
 
@@ -330,6 +340,11 @@ def orchestration(args, env: dict, work: Path) -> str:
          f"{extraction(incremental):.1f} s / {extraction(first, ssl=True):.1f} s",
          f"{extraction(incremental) / extraction(first, ssl=True):.3f}", f"<= {INCREMENTAL_TARGET}",
          verdict(extraction(incremental) / extraction(first, ssl=True) <= INCREMENTAL_TARGET)],
+        *([["cached re-run: workers forked from the forkserver / spawned (median of "
+            f"{len(with_preload)} interleaved runs each)",
+            f"{statistics.median(with_preload):.1f} s / {statistics.median(spawned):.1f} s",
+            f"{statistics.median(with_preload) / statistics.median(spawned):.3f}", "", ""]]
+          if with_preload else []),
         *([["cached re-run: workers preloading the task modules / importing them on first use (median of "
             f"{len(with_preload)} interleaved pairs)",
             f"{statistics.median(with_preload):.1f} s / {statistics.median(without_preload):.1f} s",
@@ -417,6 +432,7 @@ def main() -> None:
         parser.add_argument("--result", required=True)
         parser.add_argument("--set", action="append", default=[])
         parser.add_argument("--without-preload", action="store_true")
+        parser.add_argument("--spawn", action="store_true")
         child(parser.parse_args())
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

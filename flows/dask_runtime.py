@@ -1,14 +1,53 @@
-"""The Dask cluster a pipeline runs on: a LocalCluster by default, or an existing scheduler."""
+"""The Dask cluster a pipeline runs on: a LocalCluster by default, or an existing scheduler.
+
+Local workers are forked from a *forkserver*: one process that imports the heavy libraries and
+the science once, then forks a worker in a fraction of a second, instead of every worker
+importing them again after being spawned. An entry point that knows it will start a local
+cluster calls :func:`start_worker_forkserver` before its own imports, so the forkserver's imports
+run on another core meanwhile (``fss run`` / ``fss demo``; measured in docs/benchmarks.md,
+"orchestration").
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 from collections.abc import Iterator
 
 from fss_core.config import RuntimeConfig
 
 log = logging.getLogger(__name__)
+
+# What the forkserver imports. Not Prefect, nor anything that imports it (tasks/, flows/): Prefect
+# reads its settings when it is imported, and a worker must read them from the environment the
+# cluster gives it (PREFECT_API_URL). Those come with the workers' own preload, after the fork.
+FORKSERVER_PRELOAD = (
+    "torch",
+    "mlflow",
+    "zarr",
+    "sklearn.cluster",
+    "fss_core.embeddings.extract",
+    "fss_core.clustering.kmeans",
+    "fss_core.pseudo.masks",
+    "fss_core.pseudo.task_index",
+    "fss_core.models.fss.network",
+    "fss_core.training.trainer",
+    "fss_core.evaluation.protocol",
+)
+
+
+def start_worker_forkserver() -> bool:
+    """Start the process local Dask workers are forked from, importing :data:`FORKSERVER_PRELOAD`
+    in the background; a no-op once it runs. False where the platform has no forkserver (the
+    workers are then spawned)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return False
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(FORKSERVER_PRELOAD))
+    forkserver.ensure_running()
+    return True
 
 
 @contextlib.contextmanager
@@ -18,6 +57,7 @@ def dask_cluster(runtime: RuntimeConfig) -> Iterator[str]:
         log.info("using the Dask scheduler at %s", runtime.dask_address)
         yield runtime.dask_address
         return
+    import dask
     from distributed import LocalCluster
     from prefect.client.orchestration import get_client
 
@@ -26,7 +66,8 @@ def dask_cluster(runtime: RuntimeConfig) -> Iterator[str]:
     with get_client(sync_client=True) as client:
         env = {"PREFECT_API_URL": client.api_url}
     resources = {runtime.gpu_resource: 1} if runtime.gpu_resource else None
-    with LocalCluster(
+    method = "forkserver" if start_worker_forkserver() else "spawn"
+    with dask.config.set({"distributed.worker.multiprocessing-method": method}), LocalCluster(
         n_workers=runtime.n_workers,
         threads_per_worker=runtime.threads_per_worker,
         processes=True,
@@ -34,9 +75,8 @@ def dask_cluster(runtime: RuntimeConfig) -> Iterator[str]:
         host="127.0.0.1",
         resources=resources,
         env=env,
-        # Each worker imports every task module (torch, MLflow, Prefect, the science) as it starts,
-        # all in parallel, instead of in front of each stage's first task on each worker (measured
-        # in docs/benchmarks.md, "orchestration").
+        # Each worker imports the task modules (Prefect, the tasks) as it starts, all in parallel,
+        # instead of in front of each stage's first task on each worker (docs/benchmarks.md).
         preload=[*_configured_preloads(), "flows.pipeline"],
     ) as cluster:
         log.info("Dask dashboard: %s", cluster.dashboard_link)

@@ -182,6 +182,10 @@ def _run_pipeline(cfg, dask_address: str | None, until: str = "register") -> dic
     with workspace_lock(workspace_of(cfg).root, what=f"fss (until {until})"):
         if not debugging():
             quiet_local_workers()
+        if not (dask_address or cfg.runtime.dask_address):
+            from flows.dask_runtime import start_worker_forkserver
+
+            start_worker_forkserver()  # its imports overlap with the flow's, on another core
         from flows.pipeline import pipeline
 
         if not debugging():
