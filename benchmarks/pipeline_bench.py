@@ -412,10 +412,11 @@ def scaling(args, env: dict, work: Path) -> str:
         f"{'' if args.quick else ' but a 128 px canvas (extract.long_side=128, batch 32)'}. Time: the stage's span "
         "(first task start to last task end), *total* = the whole process. *per-image time* = (time / images) / "
         "(time at 1x / images at 1x): 1.00 is linear growth, below 1 a fixed cost being amortised, above 1 a "
-        "cost that grows faster than the data. Memory: peak RSS of the run's process and its Dask workers "
-        "together during the span (sampled every 50 ms; about 2 GB of it is the processes themselves: Python, "
-        "torch, Prefect, MLflow in each). Evaluation draws a fixed number of episodes, so it does not grow with "
-        "the images.",
+        "cost that grows faster than the data. Memory: peak RSS of the run's process, the forkserver and "
+        "the Dask workers forked from it together during the span (sampled every 50 ms; about 3 GB of it is "
+        "the processes themselves: Python, torch, Prefect, MLflow in each, counted once per process although "
+        "the workers share the forkserver's pages). Evaluation draws a fixed number of episodes, so it does "
+        "not grow with the images.",
         "",
         *table(["stage", "1x s", "2x s", "4x s", "per-image time 2x", "per-image time 4x", "1x MiB", "2x MiB",
                 "4x MiB", "memory 4x - 1x MiB"], rows, "lrrrrrrrrr"),
