@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 from collections.abc import Iterator
 
 from fss_core.config import RuntimeConfig
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 # reads its settings when it is imported, and a worker must read them from the environment the
 # cluster gives it (PREFECT_API_URL). Those come with the workers' own preload, after the fork.
 FORKSERVER_PRELOAD = (
+    "flows.forkserver_setup",
     "torch",
     "mlflow",
     "zarr",
@@ -40,13 +42,31 @@ FORKSERVER_PRELOAD = (
 def start_worker_forkserver() -> bool:
     """Start the process local Dask workers are forked from, importing :data:`FORKSERVER_PRELOAD`
     in the background; a no-op once it runs. False where the platform has no forkserver (the
-    workers are then spawned)."""
+    workers are then spawned).
+
+    It starts with the environment Dask gives a worker it spawns
+    (``distributed.nanny.pre-spawn-environ``: one OpenMP/MKL/OpenBLAS thread, malloc trimming),
+    because torch and NumPy size their thread pools when imported, there, not in the worker."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return False
     from multiprocessing import forkserver
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(list(FORKSERVER_PRELOAD))
-    forkserver.ensure_running()
+    import dask
+    import distributed  # noqa: F401  (its defaults, pre-spawn-environ among them, join dask.config)
+
+    worker_env = {k: os.environ.get(k, str(v))
+                  for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ") or {}).items() if v is not None}
+    saved = {k: os.environ.get(k) for k in worker_env}
+    os.environ.update(worker_env)
+    try:
+        multiprocessing.get_context("forkserver").set_forkserver_preload(list(FORKSERVER_PRELOAD))
+        forkserver.ensure_running()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return True
 
 
