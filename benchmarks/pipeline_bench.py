@@ -413,7 +413,7 @@ def scaling(args, env: dict, work: Path) -> str:
         "(first task start to last task end), *total* = the whole process. *per-image time* = (time / images) / "
         "(time at 1x / images at 1x): 1.00 is linear growth, below 1 a fixed cost being amortised, above 1 a "
         "cost that grows faster than the data. Memory: peak RSS of the run's process, the forkserver and "
-        "the Dask workers forked from it together during the span (sampled every 50 ms; about 3 GB of it is "
+        "the Dask workers forked from it together during the span (sampled every 50 ms; about 2.4 GB of it is "
         "the processes themselves: Python, torch, Prefect, MLflow in each, counted once per process although "
         "the workers share the forkserver's pages). Evaluation draws a fixed number of episodes, so it does "
         "not grow with the images.",
