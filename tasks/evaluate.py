@@ -30,6 +30,7 @@ from fss_core.evaluation.protocol import (
 )
 from fss_core.models.backbones import build_backbone
 from fss_core.models.fss.bundle import load_bundle
+from fss_core.pseudo.task_index import scaled_min_area
 from tasks.compare import ComparedModel, method_label, method_order
 from tasks.extract import BackboneRef, device_for
 from tasks.keys import build_key
@@ -265,7 +266,7 @@ def run_evaluate(cfg: PipelineConfig, trained: TrainOutcome, extraction: Backbon
 def episode_min_area(cfg: PipelineConfig, size: int) -> int:
     """``evaluate.min_area`` (defined at 473², the protocol's input size) scaled to an evaluation
     input of ``size`` px: the area from which a novel class counts in a val image."""
-    return max(1, round(cfg.evaluate.min_area * (size / DEFAULT_IMAGE_SIZE) ** 2))
+    return scaled_min_area(cfg.evaluate.min_area, DEFAULT_IMAGE_SIZE, size, size)
 
 
 def _evaluated(cfg: PipelineConfig, method: _Method, folder: Path, val, split, shots: int, n_episodes: int,
