@@ -81,64 +81,80 @@ def patch_border(set_attr=setattr) -> None:
     set_attr(task_index, "valid_pseudo_classes", valid_pseudo_classes)
 
 
+def _frozen_relations(backbone, query_img, support_imgs, support_masks, query_padding=None):
+    """What the variants read from the frozen backbone: the query and support features, the
+    support's fg and bg masks pooled bilinearly to the layer3 grid (``[B, S, 1, h, w]``), the
+    query's unpadded cells (``[B, 1, h, w]``), and the baseline's min-max cosine to the prototype
+    over layer3+4 there (``[B, 1, h, w]``)."""
+    batch, shots = support_imgs.shape[:2]
+    if query_padding is None:
+        query_padding = torch.zeros(batch, *query_img.shape[-2:], dtype=torch.bool, device=query_img.device)
+    with torch.no_grad():
+        q = backbone(query_img)
+        s = backbone(support_imgs.flatten(0, 1))
+    size = tuple(q["layer3"].shape[-2:])
+
+    def pooled(mask):
+        return F.interpolate(mask.flatten(0, 1)[:, None].float(), size=size, mode="bilinear",
+                             align_corners=True).view(batch, shots, 1, *size)
+
+    fg, bg = pooled(support_masks == 1), pooled(support_masks == 0)
+    valid = ~network._downsample_bool(query_padding, size)[:, None]
+    layers = ("layer3", "layer4")
+    similarity = network.prototype_prior(network._unit_features(q, layers),
+                                         network._unit_features(s, layers).view(batch, shots, -1, *size), fg, valid)
+    return q, s, fg, bg, valid, similarity
+
+
+def _add_residual(model) -> None:
+    """The learnt scale and threshold of the residual term, at their start values."""
+    model.residual_scale = nn.Parameter(torch.tensor(RESIDUAL_START[0]))
+    model.residual_threshold = nn.Parameter(torch.tensor(RESIDUAL_START[1]))
+
+
+def _residual_logits(model, similarity: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """``s · (similarity − t)`` as (bg, fg) logits, half to each channel; resized to ``size`` if given."""
+    half = model.residual_scale * (similarity - model.residual_threshold) / 2
+    if size is not None:
+        half = F.interpolate(half, size=size, mode="bilinear", align_corners=True)
+    return torch.cat([-half, half], dim=1)
+
+
 def patch_residual(set_attr=setattr) -> None:
     """Add the learnt, baseline-started similarity term to the network's logits."""
     init, forward = network.FSSNetwork.__init__, network.FSSNetwork.forward
 
     def __init__(self, backbone, config=None):
         init(self, backbone, config)
-        self.residual_scale = nn.Parameter(torch.tensor(RESIDUAL_START[0]))
-        self.residual_threshold = nn.Parameter(torch.tensor(RESIDUAL_START[1]))
+        _add_residual(self)
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
     def forward_with_residual(self, query_img, support_imgs, support_masks, query_padding=None,
                               support_padding=None, generator=None):
         logits = forward(self, query_img, support_imgs, support_masks, query_padding, support_padding, generator)
-        batch, shots = support_imgs.shape[:2]
-        if query_padding is None:
-            query_padding = torch.zeros(batch, *query_img.shape[-2:], dtype=torch.bool, device=query_img.device)
-        with torch.no_grad():
-            q = self.backbone(query_img)
-            s = self.backbone(support_imgs.flatten(0, 1))
-        size = tuple(q["layer3"].shape[-2:])
-        layers = ("layer3", "layer4")
-        fg = F.interpolate((support_masks == 1).flatten(0, 1)[:, None].float(), size=size, mode="bilinear",
-                           align_corners=True)
-        similarity = network.prototype_prior(
-            network._unit_features(q, layers), network._unit_features(s, layers).view(batch, shots, -1, *size),
-            fg.view(batch, shots, 1, *size), ~network._downsample_bool(query_padding, size)[:, None])
-        half = self.residual_scale * (similarity - self.residual_threshold) / 2
-        half = F.interpolate(half, size=logits.shape[-2:], mode="bilinear", align_corners=True)
-        return logits + torch.cat([-half, half], dim=1)
+        similarity = _frozen_relations(self.backbone, query_img, support_imgs, support_masks, query_padding)[-1]
+        return logits + _residual_logits(self, similarity, tuple(logits.shape[-2:]))
 
     set_attr(network.FSSNetwork, "__init__", __init__)
     set_attr(network.FSSNetwork, "forward", forward_with_residual)
 
 
-def relation_maps(backbone, query_img, support_imgs, support_masks, query_padding):
-    """Maps of how each query cell relates to the support, at the layer3 grid ``[B, 5, h, w]``:
-    the baseline's min-max cosine to the prototype (layer3+4), the raw cosine to the prototype of
-    layer3 and of layer4, the PFENet prior (layer4) and the min-max cosine to the support's
-    background prototype. None of them carries the query's own features, so a network that reads
-    only these cannot learn what a training class looks like."""
+def relation_maps(backbone, query_img, support_imgs, support_masks, query_padding=None):
+    """Maps of how each query cell relates to the support, at the layer3 grid ``[B, 5, h, w]``, in
+    this order: the baseline's min-max cosine to the prototype (layer3+4), the same to the
+    support's background prototype, the raw cosine to the prototype in layer3 and in layer4, and
+    the PFENet prior (layer4). None of them carries the query's own features, so a network that
+    reads only these cannot learn what a training class looks like."""
+    q, s, fg, bg, valid, similarity = _frozen_relations(backbone, query_img, support_imgs, support_masks,
+                                                        query_padding)
     batch, shots = support_imgs.shape[:2]
-    with torch.no_grad():
-        q = backbone(query_img)
-        s = backbone(support_imgs.flatten(0, 1))
-    size = tuple(q["layer3"].shape[-2:])
-    fg = F.interpolate((support_masks == 1).flatten(0, 1)[:, None].float(), size=size, mode="bilinear",
-                       align_corners=True).view(batch, shots, 1, *size)
-    bg = F.interpolate((support_masks == 0).flatten(0, 1)[:, None].float(), size=size, mode="bilinear",
-                       align_corners=True).view(batch, shots, 1, *size)
-    valid = ~network._downsample_bool(query_padding, size)[:, None]
-    maps = []
-    for layers in (("layer3", "layer4"),):
-        qu = network._unit_features(q, layers)
-        su = network._unit_features(s, layers).view(batch, shots, -1, *size)
-        maps.append(network.prototype_prior(qu, su, fg, valid))
-        maps.append(network.prototype_prior(qu, su, bg, valid))
-    for layer in ("layer3", "layer4"):
+    size = tuple(similarity.shape[-2:])
+    layers = ("layer3", "layer4")
+    maps = [similarity, network.prototype_prior(network._unit_features(q, layers),
+                                                network._unit_features(s, layers).view(batch, shots, -1, *size),
+                                                bg, valid)]
+    for layer in layers:
         qu = network._unit_features(q, (layer,))
         su = network._unit_features(s, (layer,)).view(batch, shots, -1, *size)
         prototype = F.normalize(((su * fg).sum((3, 4)) / fg.sum((3, 4)).clamp_min(1e-4)).mean(1), dim=1)
@@ -156,8 +172,7 @@ def patch_relation(set_attr=setattr) -> None:
 
     def __init__(self, backbone, config=None):
         init(self, backbone, config)
-        self.residual_scale = nn.Parameter(torch.tensor(RESIDUAL_START[0]))
-        self.residual_threshold = nn.Parameter(torch.tensor(RESIDUAL_START[1]))
+        _add_residual(self)
         self.relation_head = nn.Sequential(
             nn.Conv2d(5, RELATION_HIDDEN, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(RELATION_HIDDEN, RELATION_HIDDEN, 3, padding=2, dilation=2), nn.ReLU(inplace=True),
@@ -167,12 +182,8 @@ def patch_relation(set_attr=setattr) -> None:
 
     def forward_relation(self, query_img, support_imgs, support_masks, query_padding=None,
                          support_padding=None, generator=None):
-        if query_padding is None:
-            query_padding = torch.zeros(query_img.shape[0], *query_img.shape[-2:], dtype=torch.bool,
-                                        device=query_img.device)
         maps = relation_maps(self.backbone, query_img, support_imgs, support_masks, query_padding)
-        half = self.residual_scale * (maps[:, :1] - self.residual_threshold) / 2
-        logits = self.relation_head(maps) + torch.cat([-half, half], dim=1)
+        logits = self.relation_head(maps) + _residual_logits(self, maps[:, :1])
         return F.interpolate(logits, size=query_img.shape[-2:], mode="bilinear", align_corners=True)
 
     set_attr(network.FSSNetwork, "__init__", __init__)
