@@ -31,9 +31,11 @@ import zarr
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from zarr.codecs import BloscCodec, ZstdCodec
 
-# blosc-zstd: zstd 3 over bit-shuffled bytes, for small integer arrays; blosc-zstd-fast: zstd 1 over
-# byte-shuffled bytes, for float16 embeddings (half the CPU of blosc-zstd there, and smaller)
-Compressor = Literal["blosc-zstd", "blosc-zstd-fast", "zstd", "none"]
+# blosc-zstd: zstd 3 over bit-shuffled bytes, for small integer arrays; blosc-lz4: lz4 over the bytes
+# as they are, for the float16 embeddings, written once per image and read on every k-means pass
+# (on ReLU features, half of them zeros: a fifth of zstd 1's encoding CPU and a quarter of its
+# decoding, for a store about a fifth larger; docs/benchmarks.md, "extraction")
+Compressor = Literal["blosc-zstd", "blosc-lz4", "zstd", "none"]
 HEX_PATTERN = r"^[0-9a-f]+$"
 
 
@@ -165,8 +167,8 @@ class StoreSchema(BaseModel):
 def _codecs(compressor: Compressor) -> tuple:
     if compressor == "blosc-zstd":
         return (BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),)
-    if compressor == "blosc-zstd-fast":
-        return (BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),)
+    if compressor == "blosc-lz4":
+        return (BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"),)
     if compressor == "zstd":
         return (ZstdCodec(level=3),)
     return ()

@@ -50,7 +50,7 @@ EMBEDDINGS = StoreSchema(
     attrs_model=EmbeddingsAttrs,
     arrays=(
         ArraySpec(name="features", dtype="float16", dims=("image", "channel", "row", "col"),
-                  chunks={"image": 1}, compressor="blosc-zstd-fast",
+                  chunks={"image": 1}, compressor="blosc-lz4",
                   description="L2-normalised pixel embeddings [N, C, G, G] of the padded square input"),
         ArraySpec(name="valid_hw", dtype="int32", dims=("image", "hw"),
                   description="feature rows/cols [N, 2] that cover image content, not padding"),
