@@ -134,6 +134,28 @@ def test_resume_computes_only_missing_rows_and_matches_one_shot(tmp_path):
     assert np.allclose(np.linalg.norm(features, axis=1), 1, atol=2e-3)
 
 
+@pytest.mark.parametrize("buffer_rows", [1, 2, 64])
+def test_stored_features_are_each_images_embedding_however_the_shard_is_buffered(tmp_path, monkeypatch, buffer_rows):
+    import fss_core.embeddings.extract as extract
+
+    # the writer holds at most buffer_rows rows: 1 and 2 flush inside a shard and inside a batch
+    monkeypatch.setattr(extract, "WRITE_BUFFER_BYTES", buffer_rows * 6 * 8 * 8 * 2)
+    paths = _images(tmp_path, SIZES)
+    backbone = CountingBackbone()
+    _store(tmp_path / "e.zarr", SIZES)
+    group = open_store(tmp_path / "e.zarr", EMBEDDINGS, mode="r+")
+    group["done"][5] = True  # a row already done inside the second shard is neither recomputed nor overwritten
+    group["features"][5] = np.full((6, 8, 8), 7, np.float16)
+    assert _extract_all(tmp_path / "e.zarr", paths, backbone) == len(SIZES) - 1
+    stored = open_store(tmp_path / "e.zarr", EMBEDDINGS)["features"][:]
+    for row, path in enumerate(paths):
+        if row == 5:
+            assert (stored[row] == 7).all()
+            continue
+        expected = embed_batch(backbone, preprocess(load_rgb(path), LONG_SIDE)[0][None])[0]
+        np.testing.assert_array_equal(stored[row], expected.half().numpy())
+
+
 def test_killed_block_marks_no_row_done(tmp_path, monkeypatch):
     paths = _images(tmp_path, SIZES[:4])
     _store(tmp_path / "e.zarr", SIZES[:4])

@@ -53,25 +53,38 @@ PREFETCH_BATCHES = 2  # batches decoded ahead of the forward pass
 NORMALISATION = Normalisation(mean=tuple(255 * m for m in IMAGENET_MEAN), std=tuple(255 * s for s in IMAGENET_STD))
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+_PADDING = (torch.zeros(3, 1, 1) - _MEAN) / _STD  # a black pixel, normalised
+NORMALISE_BYTES = 4 * 2**20  # float32 rows normalised at a time: heap memory reused, not fresh pages per batch
+WRITE_BUFFER_BYTES = 256 * 2**20  # float16 features a writer holds to write a shard in as few calls as possible
 
 
 # --- one image, one batch ---------------------------------------------------------------------
 
-def preprocess(rgb: np.ndarray, long_side: int) -> tuple[torch.Tensor, PadGeometry]:
+def preprocess(rgb: np.ndarray, long_side: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, PadGeometry]:
     """RGB ``uint8 [H, W, 3]`` → (ImageNet-normalised canvas ``[3, L, L]`` float32, its geometry).
 
     The image is resized (PIL bilinear) to ``(new_h, new_w)`` of :func:`pad_geometry` and
     pasted at the top-left of an ``L × L`` canvas of zeros; the zeros are set before
-    normalisation, so the padding is black, as in the reference.
+    normalisation, so the padding is black, as in the reference. ``out``: the canvas to fill
+    (a slot of a batch), instead of a new one.
     """
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 [H, W, 3] image, got {rgb.dtype} {rgb.shape}")
     geometry = pad_geometry(rgb.shape[0], rgb.shape[1], long_side, SIZE_MULTIPLE)
+    canvas = torch.empty(3, long_side, long_side) if out is None else out
+    if canvas.shape != (3, long_side, long_side) or canvas.dtype != torch.float32:
+        raise ValueError(f"out must be a float32 [3, {long_side}, {long_side}] tensor, got {canvas.dtype} "
+                         f"{list(canvas.shape)}")
     resized = Image.fromarray(rgb).resize((geometry.new_w, geometry.new_h), Image.Resampling.BILINEAR)
-    canvas = torch.zeros(3, long_side, long_side)
-    canvas[:, : geometry.new_h, : geometry.new_w] = torch.from_numpy(np.array(resized)).permute(2, 0, 1) / 255.0
-    return (canvas - _MEAN) / _STD, geometry
+    # In place, one pass per step, the arithmetic of ((pixels / 255) - mean) / std on a black canvas.
+    h, w = geometry.new_h, geometry.new_w
+    canvas[:, h:, :] = _PADDING
+    canvas[:, :h, w:] = _PADDING
+    content = canvas[:, :h, :w]
+    content.copy_(torch.from_numpy(np.array(resized)).permute(2, 0, 1))
+    content.div_(255.0).sub_(_MEAN).div_(_STD)
+    return canvas, geometry
 
 
 def embed_batch(backbone: Backbone, batch: torch.Tensor, device: str | torch.device = "cpu",
@@ -102,8 +115,13 @@ def normalised(features: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         out = features.to(torch.float32, copy=True)
         # torch.nn.functional.normalize's arithmetic, in place: a quarter of its CPU time
-        out /= torch.linalg.vector_norm(out, dim=1, keepdim=True).clamp_min_(1e-12)
+        out /= _norms(out)
         return out.cpu()
+
+
+def _norms(features: torch.Tensor) -> torch.Tensor:
+    """The L2 norm over channels ``[B, 1, G, G]`` of float32 features, floored as F.normalize does."""
+    return torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min_(1e-12)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -340,13 +358,20 @@ def extract_rows(
     batches = [b[start : start + batch_size] for b in blocks for start in range(0, len(b), batch_size)]
     start_time = time.perf_counter()
     bar = tqdm(total=len(todo), desc="extract", unit="img", disable=not progress)
-    # The forward pass runs here while one thread decodes the next batches and another
-    # normalises and writes the previous ones: the backbone never waits for work another core can do.
-    loader = ThreadPoolExecutor(1, thread_name_prefix="extract-load")
-    writer = _OrderedWriter(max_pending=PREFETCH_BATCHES)
+    # The forward pass runs here while one background thread, in submission order, decodes the
+    # next batches and normalises and writes the previous ones: the backbone never waits for work
+    # another core can do, and keeps its own core (two background threads would at times both run
+    # beside it on two cores; docs/benchmarks.md, "extraction").
+    background = ThreadPoolExecutor(1, thread_name_prefix="extract-io")
+    writer = _OrderedWriter(background, max_pending=PREFETCH_BATCHES)
+    buffer = _ShardBuffer(features, max(len(b) for b in blocks), projection)
     try:
-        loads = deque(loader.submit(_load_batch, [path_of[r] for r in b], long_side)
-                      for b in batches[:PREFETCH_BATCHES])
+        # Batches are decoded into a ring of canvas buffers, reused instead of allocated anew:
+        # fresh pages for every batch slow the forward pass that reads them. Batch k's slot is
+        # refilled once the forward pass of batch k is over (at most PREFETCH_BATCHES are ahead).
+        ring = torch.empty(PREFETCH_BATCHES + 1, min(batch_size, len(todo)), 3, long_side, long_side)
+        loads = deque(background.submit(_load_batch, [path_of[r] for r in b], long_side, ring[k])
+                      for k, b in enumerate(batches[:PREFETCH_BATCHES]))
         next_batch = len(loads)
         for block_todo in blocks:
             sizes = np.empty((len(block_todo), 2, 2), dtype=np.int32)  # (image_hw, valid_hw) per row
@@ -354,7 +379,8 @@ def extract_rows(
                 batch_rows = block_todo[start : start + batch_size]
                 canvases, geometries = loads.popleft().result()
                 if next_batch < len(batches):
-                    loads.append(loader.submit(_load_batch, [path_of[r] for r in batches[next_batch]], long_side))
+                    loads.append(background.submit(_load_batch, [path_of[r] for r in batches[next_batch]], long_side,
+                                                   ring[next_batch % len(ring)]))
                     next_batch += 1
                 computed = backbone_features(backbone, canvases, device, amp)
                 stored_channels = projection.dim if projection is not None else computed.shape[1]
@@ -363,13 +389,14 @@ def extract_rows(
                                      f"the backbone gives {[stored_channels, *computed.shape[2:]]}")
                 for i, geometry in enumerate(geometries, start):
                     sizes[i] = (geometry.orig_h, geometry.orig_w), valid_cells(geometry, stride, grid)
-                writer.submit(_write_rows, features, batch_rows, computed, projection)
+                writer.submit(buffer.add, batch_rows, computed)
                 bar.update(len(batch_rows))
+            writer.submit(buffer.flush)
             writer.submit(_finish_block, group, block_todo, sizes)
         writer.wait()
     finally:
-        loader.shutdown(wait=True, cancel_futures=True)
         writer.close()
+        background.shutdown(wait=True, cancel_futures=True)
     bar.close()
     elapsed = time.perf_counter() - start_time
     log.info("extracted %d images of rows %d-%d in %.1f s (%.1f img/s)", len(todo), rows[0], rows[-1],
@@ -377,22 +404,58 @@ def extract_rows(
     return len(todo)
 
 
-def _load_batch(paths: Sequence[str | os.PathLike], long_side: int) -> tuple[torch.Tensor, list[PadGeometry]]:
-    """Decode and preprocess images: (canvases ``[B, 3, L, L]``, their geometries)."""
-    loaded = [preprocess(load_rgb(p), long_side) for p in paths]
-    return torch.stack([canvas for canvas, _ in loaded]), [geometry for _, geometry in loaded]
+def _load_batch(paths: Sequence[str | os.PathLike], long_side: int,
+                out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[PadGeometry]]:
+    """Decode and preprocess images: (canvases ``[B, 3, L, L]``, their geometries); into the
+    first ``B`` canvases of ``out`` when given."""
+    canvases = torch.empty(len(paths), 3, long_side, long_side) if out is None else out[: len(paths)]
+    geometries = [preprocess(load_rgb(p), long_side, out=canvas)[1] for p, canvas in zip(paths, canvases)]
+    return canvases, geometries
 
 
-def _write_rows(features: zarr.Array, rows: list[int], computed: torch.Tensor,
-                projection: Projection | None) -> None:
-    """Backbone features of ``rows`` → normalised, projected, float16 → ``features[rows]``."""
-    embedded = normalised(computed)
-    if projection is not None:
-        embedded = projection.apply(embedded)
-    values = embedded.half().numpy()  # torch's vectorised conversion: faster than NumPy's astype
-    for lo, hi in _runs(rows):
-        offset = rows.index(lo)
-        features[lo:hi] = values[offset : offset + hi - lo]
+class _ShardBuffer:
+    """Normalised float16 features of a shard's rows, held until the shard is complete (or the
+    buffer holds :data:`WRITE_BUFFER_BYTES`), then written in one call per run of rows.
+
+    A write into part of a shard rewrites the whole shard file (zarr's sharding), so writing a
+    shard batch by batch costs a multiple of writing it once. Used from one thread at a time."""
+
+    def __init__(self, features: zarr.Array, rows: int, projection: Projection | None):
+        _, channels, grid, _ = features.shape
+        per_row = channels * grid * grid * np.dtype(np.float16).itemsize
+        # Each chunk is one image's unit-norm features, never all fill value: zarr's scan of every
+        # chunk for that (to skip writing it) is a wasted pass over the data.
+        self.features = features.with_config({"write_empty_chunks": True})
+        self.projection = projection
+        self.values = np.empty((max(1, min(rows, WRITE_BUFFER_BYTES // per_row)), channels, grid, grid), np.float16)
+        self.rows: list[int] = []
+
+    def add(self, rows: list[int], computed: torch.Tensor) -> None:
+        """Backbone features of ``rows`` → normalised (projected) float16 rows of the buffer."""
+        done = 0
+        while done < len(rows):
+            if len(self.rows) == len(self.values):
+                self.flush()
+            take = min(len(rows) - done, len(self.values) - len(self.rows))
+            slot = torch.from_numpy(self.values[len(self.rows) : len(self.rows) + take])
+            with torch.inference_mode():
+                part = computed[done : done + take]
+                if self.projection is not None:
+                    slot.copy_(self.projection.apply(normalised(part)))
+                else:  # the arithmetic of normalised(), rounded once, to float16; a few MiB of float32 at a time
+                    step = max(1, NORMALISE_BYTES // (part[0].numel() * 4))
+                    for i in range(0, take, step):
+                        rows32 = part[i : i + step].to(torch.float32)
+                        torch.div(rows32, _norms(rows32), out=slot[i : i + step])
+            self.rows += rows[done : done + take]
+            done += take
+
+    def flush(self) -> None:
+        """Write the buffered rows to the store and empty the buffer."""
+        for lo, hi in _runs(self.rows):
+            offset = self.rows.index(lo)
+            self.features[lo:hi] = self.values[offset : offset + hi - lo]
+        self.rows = []
 
 
 def _finish_block(group: zarr.Group, block_todo: list[int], sizes: np.ndarray) -> None:
@@ -408,15 +471,15 @@ def _finish_block(group: zarr.Group, block_todo: list[int], sizes: np.ndarray) -
 
 
 class _OrderedWriter:
-    """Store writes run one at a time, in submission order, on a background thread.
+    """Store writes run one at a time, in submission order, on a one-thread ``pool``.
 
     Once a write fails, the later ones are skipped (a shard's ``done`` is never written after
     its features were lost) and the first error is raised by :meth:`submit` or :meth:`wait`.
     At most ``max_pending`` writes wait: :meth:`submit` blocks beyond that, bounding memory.
     """
 
-    def __init__(self, max_pending: int):
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="extract-write")
+    def __init__(self, pool: ThreadPoolExecutor, max_pending: int):
+        self._pool = pool
         self._pending: deque = deque()
         self._max_pending = max_pending
         self._failed = False
@@ -440,8 +503,8 @@ class _OrderedWriter:
             self._pending.popleft().result()
 
     def close(self) -> None:
-        self._failed = True  # after an error elsewhere, queued writes are dropped, not run
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Drop the writes still queued (after an error elsewhere): they are skipped, not run."""
+        self._failed = True
 
 
 def _check_rows(rows: list[int], n: int, unit: int, where: str | os.PathLike) -> None:
