@@ -445,8 +445,11 @@ class _ShardBuffer:
                 else:  # the arithmetic of normalised(), rounded once, to float16; a few MiB of float32 at a time
                     step = max(1, NORMALISE_BYTES // (part[0].numel() * 4))
                     for i in range(0, take, step):
-                        rows32 = part[i : i + step].to(torch.float32)
-                        torch.div(rows32, _norms(rows32), out=slot[i : i + step])
+                        rows32, target = part[i : i + step].to(torch.float32), slot[i : i + step]
+                        if rows32.device == target.device:
+                            torch.div(rows32, _norms(rows32), out=target)
+                        else:  # computed on the accelerator: normalised there, float16 across
+                            target.copy_((rows32 / _norms(rows32)).half())
             self.rows += rows[done : done + take]
             done += take
 
