@@ -134,8 +134,8 @@ def markdown(results: list[dict], info: RunInfo) -> str:
         f"in one call per shard of {IMAGES_PER_BLOCK} images (the pipeline fills and drains the decode/write "
         "overlap once per call; the pipeline's extract tasks each take a run of shards, see `tasks/extract.py`). "
         "*CPU ms / img*: CPU time of the process (all threads) per image; their ratio is the best "
-        "extract / forward can reach when the machine has no core to spare for the decode and write "
-        "threads. Peak RSS: the process during one whole-store extraction.",
+        "extract / forward can reach when the machine has no core to spare for the background thread that "
+        "decodes, normalises and writes. Peak RSS: the process during one whole-store extraction.",
         "",
         *table(["backbone", "canvas", "images", "batch", "autocast", "forward only img/s", "extract_rows img/s",
                 "extract / forward", f"target >= {TARGET}", "one call per shard img/s", "per shard / forward",
@@ -150,7 +150,7 @@ def main() -> None:
     args = parse_timed_arguments(parser)
     info = RunInfo()
     work = args.work or Path(tempfile.mkdtemp(prefix="extract-bench-"))
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick else 5)  # the forward pass alone varies most with other jobs
     results = []
     for setting in QUICK if args.quick else FULL:
         results.append(measure(setting, work, repeats))

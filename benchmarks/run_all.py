@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 # (name, script, arguments of the measured run); --quick replaces each script's sizes by its own
 BENCHMARKS = [
     ("extract", "extract_bench.py", []),
+    ("codecs", "codec_bench.py", []),
     ("kmeans", "kmeans_bench.py", ["--n", "1000000", "--synthetic", "1000"]),
     ("kmeans-memory", "kmeans_memory_bench.py", []),
     ("train", "train_bench.py", []),

@@ -33,8 +33,8 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 # blosc-zstd: zstd 3 over bit-shuffled bytes, for small integer arrays; blosc-lz4: lz4 over the bytes
 # as they are, for the float16 embeddings, written once per image and read on every k-means pass
-# (on ReLU features, half of them zeros: a fifth of zstd 1's encoding CPU and a quarter of its
-# decoding, for a store about a fifth larger; docs/benchmarks.md, "extraction")
+# (on ReLU features, half of them zeros, through zarr: about half the CPU of zstd 1 + byte shuffle
+# to write and to read, for a store about a fifth larger; docs/benchmarks.md, "feature codecs")
 Compressor = Literal["blosc-zstd", "blosc-lz4", "zstd", "none"]
 HEX_PATTERN = r"^[0-9a-f]+$"
 

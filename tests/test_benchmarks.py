@@ -35,6 +35,7 @@ def _run(script: str, tmp_path: Path, *arguments: str) -> str:
     ("extract_bench.py", "extraction", ("--repeats", "1"), "extract / forward"),
     ("train_bench.py", "training", (), "loader / in memory"),
     ("eval_bench.py", "evaluation", (), "protocol / forward"),
+    ("codec_bench.py", "feature codecs", (), "read vs before"),
     ("gpu_bench.py", "GPU", ("--device", "cpu"), "fraction of measured bound"),
     ("kmeans_bench.py", "k-means", ("--no-cluster", "--skip-dask-ml", "--n", "20000", "--synthetic", "16"),
      "equal inertia"),
