@@ -405,10 +405,10 @@ def extract_rows(
 
 
 def _load_batch(paths: Sequence[str | os.PathLike], long_side: int,
-                out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[PadGeometry]]:
-    """Decode and preprocess images: (canvases ``[B, 3, L, L]``, their geometries); into the
-    first ``B`` canvases of ``out`` when given."""
-    canvases = torch.empty(len(paths), 3, long_side, long_side) if out is None else out[: len(paths)]
+                out: torch.Tensor) -> tuple[torch.Tensor, list[PadGeometry]]:
+    """Decode and preprocess images into the first ``B`` canvases of ``out``: (those canvases
+    ``[B, 3, L, L]``, their geometries)."""
+    canvases = out[: len(paths)]
     geometries = [preprocess(load_rgb(p), long_side, out=canvas)[1] for p, canvas in zip(paths, canvases)]
     return canvases, geometries
 
