@@ -130,9 +130,9 @@ def markdown(results: list[dict], info: RunInfo) -> str:
         f"{results[0]['repeats']} interleaved runs. *forward only*: preprocessed canvases in memory through the "
         "backbone (inference mode, the autocast extraction uses). *extract_rows*: every shard of a fresh "
         "embeddings store (created before the clock): JPEG decoding, preprocessing, forward, L2 normalisation, "
-        "float16, zarr writes; in one call (what one `extract-shard` task runs over its run of shards), and "
+        "float16, zarr writes; in one call (what one `extract-shard` task runs over its run of rows), and "
         f"in one call per shard of {IMAGES_PER_BLOCK} images (the pipeline fills and drains the decode/write "
-        "overlap once per call; the pipeline's extract tasks each take a run of shards, see `tasks/extract.py`). "
+        "overlap once per call; the pipeline's extract tasks each take a run of rows, see `tasks/extract.py`). "
         "*CPU ms / img*: CPU time of the process (all threads) per image; their ratio is the best "
         "extract / forward can reach when the machine has no core to spare for the background thread that "
         "decodes, normalises and writes. Peak RSS: the process during one whole-store extraction.",

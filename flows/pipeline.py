@@ -53,7 +53,7 @@ def stages(config: dict, parent_run_id: str | None = None, warm_start: bool = Fa
 
     plan = extract_prepare_task.submit(config, ingested.build_key, parent_run_id).result()
     computed = extract_shard_task.map(cfg, unmapped(plan.backbone), plan.blocks, plan.paths)
-    show_progress(computed, "extract (runs of shards)", config, unit="task")
+    show_progress(computed, "extract (runs of rows)", config, unit="task")
     plan = extract_finish_task.submit(config, plan, computed, parent_run_id).result()
     results["extracted"] = sum(f.result() for f in computed)
     if stop < 2:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage_schemas.base import HEX_PATTERN, ArraySpec, JsonMeta, StoreAttrs, StoreSchema
 
-IMAGES_PER_BLOCK = 64  # one writer owns 64 images: one shard of features, one chunk of the small arrays
+IMAGES_PER_BLOCK = 64  # one shard of features, one chunk of the small arrays: one writer at a time
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 

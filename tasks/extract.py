@@ -1,8 +1,9 @@
 """Extract: the backbone (pretrained self-supervised when none is given) → embeddings.zarr.
 
-Three steps so that the flow can map the middle one over shards:
-``prepare_extraction`` (backbone + store, returns the runs of shards still to do),
-``extract_block`` (one mapped task per run of whole shards: one writer per shard), ``finish_extraction``.
+Three steps so that the flow can map the middle one over runs of rows:
+``prepare_extraction`` (backbone + store, returns the runs of rows still to do, equal in size),
+``extract_block`` (one mapped task per run; a shard two runs share is written under a
+cluster-wide lock, one writer at a time), ``finish_extraction``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import functools
 import hashlib
 import logging
 import math
+import threading
+from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
 
+import distributed
 import mlflow
 import numpy as np
 import torch
@@ -25,7 +29,6 @@ from fss_core.embeddings.extract import (
     extract_rows,
     feature_grid,
     sample_valid_vectors,
-    shard_blocks,
 )
 from fss_core.embeddings.pca import fit_projection, load_projection, save_projection
 from fss_core.embeddings.ssl_pretrain import pretrain_small_cnn
@@ -39,6 +42,7 @@ from tasks.workspace import source_root, workspace_of
 log = logging.getLogger(__name__)
 
 MAX_SHARDS_PER_TASK = 8  # bounds the work a failed task repeats and keeps the progress bar moving
+SNAP_TOLERANCE = 0.1  # a task boundary moves to a shard boundary when that unbalances the tasks by at most this
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class ExtractPlan:
     build_key: str  # the store's key: extractor settings and backbone weights
     output_key: str  # what later stages depend on: the store key and the images in it
     backbone: BackboneRef
-    blocks: list[list[int]]  # store rows still to extract, one run of whole shards per mapped task
+    blocks: list[list[int]]  # store rows still to extract, one contiguous run per mapped task
     paths: list[list[str]]
     total: int
 
@@ -127,32 +131,48 @@ def prepare_extraction(cfg: PipelineConfig, parent_run_id: str | None = None) ->
         sample = [root / by_id[i].path for i in ordered[: min(len(ordered), 256)]]
         vectors = sample_valid_vectors(sample, backbone, e.long_side, e.batch_size, 200_000, seed=cfg.cluster.seed)
         save_projection(group, fit_projection(vectors, e.pca_dim, seed=cfg.cluster.seed))
-    done = np.asarray(group["done"][:])
-    todo = [b for b in shard_blocks(len(ordered), e.shard_size) if not done[b.start:b.stop].all()]
+    todo = np.flatnonzero(~np.asarray(group["done"][:])).tolist()
     blocks, paths = [], []
-    for run in task_runs(todo, cfg.runtime.n_workers * cfg.runtime.threads_per_worker):
+    for run in task_runs(todo, e.shard_size, cfg.runtime.n_workers * cfg.runtime.threads_per_worker, e.batch_size):
         blocks.append(list(run))
         paths.append([str(root / by_id[ordered[i]].path) for i in run])
     ids_digest = hashlib.sha256("\n".join(ordered).encode()).hexdigest()[:16]
     return ExtractPlan(store_key, build_key("extract", cfg, ref.sha256, ids_digest), ref, blocks, paths, len(ordered))
 
 
-def task_runs(shards: list[range], workers: int) -> list[range]:
-    """Group the shards left to extract into row ranges, one mapped task each.
+def task_runs(todo: list[int], shard: int, workers: int, min_rows: int = 1) -> list[range]:
+    """Split the rows left to extract (``todo``, increasing) into contiguous runs, one mapped task each.
 
-    A task hides its decoding and writing behind the forward pass except at its start and end,
-    so fewer, longer tasks lose less; there are as many tasks as keep ``workers`` equally busy
-    (a multiple of it, each at most ``MAX_SHARDS_PER_TASK`` shards, sizes within one shard).
-    A range spans whole shards from its first to its last (done shards between are skipped by
-    :func:`extract_rows`), so each shard still has exactly one writer.
+    The runs hold equal numbers of rows to compute, so that ``workers`` finish together: the
+    stage lasts as long as its longest task, and rows left over from a previous run (a partly
+    filled last shard, new images) rarely fill whole shards evenly. There are as many runs as
+    keep ``workers`` equally busy (a multiple of it, each at most ``MAX_SHARDS_PER_TASK`` shards
+    of rows, at least ``min_rows`` rows where there are that many). A task hides its decoding and
+    writing behind the forward pass except at its start and end, so fewer, longer tasks lose less.
+
+    A boundary between runs moves to the nearest shard boundary where that unbalances the runs by
+    at most ``SNAP_TOLERANCE`` of a run; otherwise the shard it falls in has two writers, which
+    :func:`extract_block` serialises with a lock. Done rows between two todo rows of a run are
+    spanned (:func:`extract_rows` skips them).
     """
-    if not shards:
+    if not todo:
         return []
-    workers = max(1, workers)
-    tasks = max(workers, math.ceil(len(shards) / MAX_SHARDS_PER_TASK))
-    tasks = min(len(shards), math.ceil(tasks / workers) * workers)
-    return [range(group[0].start, group[-1].stop)
-            for group in (shards[i * len(shards) // tasks:(i + 1) * len(shards) // tasks] for i in range(tasks))]
+    workers, min_rows = max(1, workers), max(1, min_rows)
+    tasks = max(workers, math.ceil(len(todo) / (MAX_SHARDS_PER_TASK * shard)))
+    tasks = math.ceil(tasks / workers) * workers
+    tasks = max(1, min(tasks, len(todo) // min_rows))
+    cuts = [0]
+    for i in range(1, tasks):
+        ideal = i * len(todo) // tasks  # index into todo of the next run's first row
+        row = todo[ideal]
+        snapped = [bisect_left(todo, b) for b in (row // shard * shard, -(-row // shard) * shard)]
+        best = min(snapped, key=lambda c: abs(c - ideal))
+        if abs(best - ideal) <= SNAP_TOLERANCE * len(todo) / tasks:
+            ideal = best
+        if cuts[-1] < ideal < len(todo):
+            cuts.append(ideal)
+    cuts.append(len(todo))
+    return [range(todo[lo], todo[hi - 1] + 1) for lo, hi in zip(cuts, cuts[1:])]
 
 
 def _row_order(path: Path, key: str, manifest_ids: list[str]) -> list[str]:
@@ -172,11 +192,33 @@ def _row_order(path: Path, key: str, manifest_ids: list[str]) -> list[str]:
 
 
 def extract_block(cfg: PipelineConfig, ref: BackboneRef, rows: list[int], paths: list[str]) -> int:
-    """One run of whole shards of the store: the unit of a mapped task (exactly one writer per shard)."""
+    """One run of rows of the store: the unit of a mapped task. A shard it shares with another
+    run is written under that shard's lock, so each shard has one writer at a time."""
     backbone = _backbone(ref.name, ref.checkpoint)
     e = cfg.extract
-    return extract_rows(workspace_of(cfg).embeddings, rows, paths, backbone, e.long_side, e.batch_size,
-                        device=device_for(cfg), progress=False)
+    store = workspace_of(cfg).embeddings
+    return extract_rows(store, rows, paths, backbone, e.long_side, e.batch_size, device=device_for(cfg),
+                        progress=False, shard_lock=functools.partial(shard_lock, store.resolve()))
+
+
+_local_locks: dict[str, threading.Lock] = {}
+_local_locks_guard = threading.Lock()
+
+
+def shard_lock(store: Path, shard: int):
+    """The lock of one shard of an embeddings store, shared by every writer of the store.
+
+    On a Dask worker it is the cluster's lock of that name (held through the scheduler, so
+    writers in every worker process, on every machine, exclude each other; it is released when
+    its holder dies). Elsewhere (tasks called in-process) it is a lock of this process.
+    """
+    name = f"fss-embeddings-shard:{store}:{shard}"
+    try:
+        distributed.get_worker()
+    except ValueError:  # not on a Dask worker
+        with _local_locks_guard:
+            return _local_locks.setdefault(name, threading.Lock())
+    return distributed.Lock(name)
 
 
 def finish_extraction(cfg: PipelineConfig, plan: ExtractPlan, computed: list[int],

@@ -237,3 +237,52 @@ def test_pca_projection_is_stored_and_applied(tmp_path):
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     got = stored["features"][0].astype(np.float32).reshape(3, -1).T
     np.testing.assert_allclose(got, expected, atol=2e-3)
+
+
+class _CountingLock:
+    """A lock that records which shards were written under it."""
+
+    def __init__(self, shard: int, taken: list[int]):
+        self.shard, self.taken, self.lock = shard, taken, __import__("threading").Lock()
+
+    def __enter__(self):
+        self.lock.acquire()
+        self.taken.append(self.shard)
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def test_two_writers_sharing_a_shard_under_its_lock_store_what_one_writer_does(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = _images(tmp_path, SIZES)
+    _store(tmp_path / "once.zarr", SIZES)
+    _extract_all(tmp_path / "once.zarr", paths, CountingBackbone())
+
+    _store(tmp_path / "shared.zarr", SIZES)  # shards [0-3] [4-7]; the writers split shard 1 at row 6
+    taken: list[int] = []
+    locks: dict[int, _CountingLock] = {}
+
+    def lock_of(shard: int) -> _CountingLock:
+        return locks.setdefault(shard, _CountingLock(shard, taken))
+
+    def write(rows: list[int]) -> int:
+        return extract_rows(tmp_path / "shared.zarr", rows, [paths[r] for r in rows], CountingBackbone(), LONG_SIDE,
+                            batch_size=1, amp=False, shard_lock=lock_of)
+
+    with ThreadPoolExecutor(2) as pool:
+        assert sum(pool.map(write, [[0, 1, 2, 3, 4, 5], [6, 7]])) == len(SIZES)
+    # shard 1's features and its done/size rows were written under its lock by each writer; shard 0 (one writer) never
+    assert sorted(taken) == [1, 1, 1, 1]
+    a, b = open_store(tmp_path / "once.zarr", EMBEDDINGS), open_store(tmp_path / "shared.zarr", EMBEDDINGS)
+    for name in ("features", "valid_hw", "image_hw", "done"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
+def test_a_run_inside_a_shard_needs_its_lock(tmp_path):
+    paths = _images(tmp_path, SIZES)
+    _store(tmp_path / "e.zarr", SIZES)
+    with pytest.raises(ValueError, match="pass shard_lock"):
+        extract_rows(tmp_path / "e.zarr", [4, 5], paths[4:6], CountingBackbone(), LONG_SIDE, 2)
+    assert not open_store(tmp_path / "e.zarr", EMBEDDINGS)["done"][:].any()

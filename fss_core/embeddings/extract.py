@@ -7,8 +7,10 @@ L2-normalised over channels, is stored as ``features[N, C, G, G]`` float16, with
 ``valid_hw[N, 2]`` = the feature cells that overlap image content (the rest is padding and is
 never read downstream), ``image_hw[N, 2]`` = the original size and ``done[N]``.
 
-The unit of work is one block of rows aligned to the store's shard (:func:`shard_blocks`), so
-exactly one writer owns each shard file. Within a block, features are written first and
+The unit of work is a contiguous run of rows. A write into a shard rewrites the whole shard
+file (zarr's sharding), so each shard has one writer at a time: a run that starts or ends
+inside a shard writes that shard's rows holding a lock for it (``shard_lock``), and a run of
+whole shards (:func:`shard_blocks`) needs none. Within a shard, features are written first and
 ``done`` last, so a killed run leaves no row marked done without its features; a rerun
 computes only the rows not yet done.
 """
@@ -19,8 +21,9 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
@@ -321,14 +324,19 @@ def extract_rows(
     amp: bool = True,
     projection: Projection | None = None,
     progress: bool = False,
+    shard_lock: Callable[[int], AbstractContextManager] | None = None,
 ) -> int:
     """Extract the embeddings of store rows ``rows`` (images ``image_paths``, same order); returns rows computed.
 
-    ``rows`` is a contiguous run starting on a shard boundary and ending on one (or at the
-    store's end), so no other writer touches its shards. Rows already ``done`` are skipped;
-    the others are computed shard by shard, writing ``features``, ``valid_hw`` and
-    ``image_hw`` first and ``done`` last. The forward pass runs on the calling thread while one
-    thread decodes the next batches and another writes the previous ones (in order, one at a time). ``projection`` (None: the store's own, when it was
+    ``rows`` is a contiguous run. Without ``shard_lock`` it must start on a shard boundary and
+    end on one (or at the store's end), so that no other writer touches its shards. With it,
+    the run may start or end inside a shard that another writer fills too: that shard's writes
+    happen inside ``shard_lock(shard index)``, which must exclude every other writer of the
+    store's shard for as long as it is held (one lock per shard, shared by all writers).
+    Rows already ``done`` are skipped; the others are computed shard by shard, writing
+    ``features``, ``valid_hw`` and ``image_hw`` first and ``done`` last. The forward pass runs
+    on the calling thread while one background thread decodes the next batches and normalises
+    and writes the previous ones, in order. ``projection`` (None: the store's own, when it was
     built with ``pca``) maps the embeddings to the stored width. ``amp``: reduced-precision
     autocast where the hardware has it (see :func:`embed_batch`; the stored float16 loses more).
     """
@@ -345,7 +353,7 @@ def extract_rows(
     features = group["features"]
     n, channels, grid, _ = features.shape
     unit = write_unit(features)[0]
-    _check_rows(rows, n, unit, store_path)
+    _check_rows(rows, n, unit, store_path, aligned=shard_lock is None)
     path_of = dict(zip(rows, image_paths))
     done = np.asarray(group["done"][:])
     todo = [r for r in rows if not done[r]]
@@ -353,9 +361,14 @@ def extract_rows(
         return 0
 
     backbone = _on_device(backbone, device)
-    blocks = [[r for r in todo if r in block] for block in shard_blocks(n, unit)]
-    blocks = [b for b in blocks if b]
-    batches = [b[start : start + batch_size] for b in blocks for start in range(0, len(b), batch_size)]
+    start, stop = rows[0], rows[-1] + 1
+    shards = [(k, block) for k, block in enumerate(shard_blocks(n, unit)) if block.start < stop and block.stop > start]
+    # a shard the run covers only in part has another writer: its writes happen under its lock
+    shared = {k for k, block in shards if block.start < start or block.stop > stop}
+    locks = {k: shard_lock(k) if shard_lock is not None and k in shared else nullcontext() for k, _ in shards}
+    blocks = [(k, [r for r in todo if r in block]) for k, block in shards]
+    blocks = [(k, b) for k, b in blocks if b]
+    batches = [b[i : i + batch_size] for _, b in blocks for i in range(0, len(b), batch_size)]
     start_time = time.perf_counter()
     bar = tqdm(total=len(todo), desc="extract", unit="img", disable=not progress)
     # The forward pass runs here while one background thread, in submission order, decodes the
@@ -364,7 +377,7 @@ def extract_rows(
     # beside it on two cores; docs/benchmarks.md, "extraction").
     background = ThreadPoolExecutor(1, thread_name_prefix="extract-io")
     writer = _OrderedWriter(background, max_pending=PREFETCH_BATCHES)
-    buffer = _ShardBuffer(features, max(len(b) for b in blocks), projection)
+    buffer = _ShardBuffer(features, max(len(b) for _, b in blocks), projection)
     try:
         # Batches are decoded into a ring of canvas buffers, reused instead of allocated anew:
         # fresh pages for every batch slow the forward pass that reads them. Batch k's slot is
@@ -373,10 +386,11 @@ def extract_rows(
         loads = deque(background.submit(_load_batch, [path_of[r] for r in b], long_side, ring[k])
                       for k, b in enumerate(batches[:PREFETCH_BATCHES]))
         next_batch = len(loads)
-        for block_todo in blocks:
+        for shard, block_todo in blocks:
+            writer.submit(buffer.begin, locks[shard])
             sizes = np.empty((len(block_todo), 2, 2), dtype=np.int32)  # (image_hw, valid_hw) per row
-            for start in range(0, len(block_todo), batch_size):
-                batch_rows = block_todo[start : start + batch_size]
+            for first in range(0, len(block_todo), batch_size):
+                batch_rows = block_todo[first : first + batch_size]
                 canvases, geometries = loads.popleft().result()
                 if next_batch < len(batches):
                     loads.append(background.submit(_load_batch, [path_of[r] for r in batches[next_batch]], long_side,
@@ -387,12 +401,12 @@ def extract_rows(
                 if (stored_channels, *computed.shape[2:]) != (channels, grid, grid):
                     raise ValueError(f"embeddings store {store_path} holds [{channels}, {grid}, {grid}] features; "
                                      f"the backbone gives {[stored_channels, *computed.shape[2:]]}")
-                for i, geometry in enumerate(geometries, start):
+                for i, geometry in enumerate(geometries, first):
                     sizes[i] = (geometry.orig_h, geometry.orig_w), valid_cells(geometry, stride, grid)
                 writer.submit(buffer.add, batch_rows, computed)
                 bar.update(len(batch_rows))
             writer.submit(buffer.flush)
-            writer.submit(_finish_block, group, block_todo, sizes)
+            writer.submit(_finish_block, group, block_todo, sizes, locks[shard])
         writer.wait()
     finally:
         writer.close()
@@ -429,6 +443,11 @@ class _ShardBuffer:
         self.projection = projection
         self.values = np.empty((max(1, min(rows, WRITE_BUFFER_BYTES // per_row)), channels, grid, grid), np.float16)
         self.rows: list[int] = []
+        self.lock: AbstractContextManager = nullcontext()
+
+    def begin(self, lock: AbstractContextManager) -> None:
+        """The rows added next belong to a shard whose writes happen inside ``lock``."""
+        self.lock = lock
 
     def add(self, rows: list[int], computed: torch.Tensor) -> None:
         """Backbone features of ``rows`` → normalised (projected) float16 rows of the buffer."""
@@ -455,22 +474,26 @@ class _ShardBuffer:
 
     def flush(self) -> None:
         """Write the buffered rows to the store and empty the buffer."""
-        for lo, hi in _runs(self.rows):
-            offset = self.rows.index(lo)
-            self.features[lo:hi] = self.values[offset : offset + hi - lo]
+        if self.rows:
+            with self.lock:
+                for lo, hi in _runs(self.rows):
+                    offset = self.rows.index(lo)
+                    self.features[lo:hi] = self.values[offset : offset + hi - lo]
         self.rows = []
 
 
-def _finish_block(group: zarr.Group, block_todo: list[int], sizes: np.ndarray) -> None:
+def _finish_block(group: zarr.Group, block_todo: list[int], sizes: np.ndarray,
+                  lock: AbstractContextManager) -> None:
     """After a shard's features: its rows' sizes, then ``done`` last, so a row is never marked
-    done before its features exist."""
+    done before its features exist. The small arrays are chunked by shard too, hence ``lock``."""
     runs = _runs(block_todo)
-    for lo, hi in runs:
-        offset = block_todo.index(lo)
-        group["image_hw"][lo:hi] = sizes[offset : offset + hi - lo, 0]
-        group["valid_hw"][lo:hi] = sizes[offset : offset + hi - lo, 1]
-    for lo, hi in runs:
-        group["done"][lo:hi] = True
+    with lock:
+        for lo, hi in runs:
+            offset = block_todo.index(lo)
+            group["image_hw"][lo:hi] = sizes[offset : offset + hi - lo, 0]
+            group["valid_hw"][lo:hi] = sizes[offset : offset + hi - lo, 1]
+        for lo, hi in runs:
+            group["done"][lo:hi] = True
 
 
 class _OrderedWriter:
@@ -510,17 +533,18 @@ class _OrderedWriter:
         self._failed = True
 
 
-def _check_rows(rows: list[int], n: int, unit: int, where: str | os.PathLike) -> None:
-    """``rows`` must be a contiguous run from a shard boundary to a shard boundary (or the end)."""
+def _check_rows(rows: list[int], n: int, unit: int, where: str | os.PathLike, aligned: bool) -> None:
+    """``rows`` must be a contiguous run; when ``aligned``, from a shard boundary to a shard
+    boundary (or the end)."""
     if not rows:
         raise ValueError("rows is empty")
     start, stop = rows[0], rows[-1] + 1
     if rows != list(range(start, stop)) or start < 0 or stop > n:
         raise ValueError(f"rows must be a contiguous run inside 0..{n - 1}, got {rows[0]}..{rows[-1]} "
                          f"({len(rows)} rows)")
-    if start % unit or (stop % unit and stop != n):
+    if aligned and (start % unit or (stop % unit and stop != n)):
         raise ValueError(f"rows {start}..{stop - 1} do not cover whole shards of {unit} images of the "
-                         f"embeddings store {where}; another writer could share a shard")
+                         f"embeddings store {where}; another writer could share a shard: pass shard_lock")
 
 
 def _runs(sorted_rows: list[int]) -> list[tuple[int, int]]:
