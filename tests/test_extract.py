@@ -267,12 +267,13 @@ def test_two_writers_sharing_a_shard_under_its_lock_store_what_one_writer_does(t
     def lock_of(shard: int) -> _CountingLock:
         return locks.setdefault(shard, _CountingLock(shard, taken))
 
-    def write(rows: list[int]) -> int:
-        return extract_rows(tmp_path / "shared.zarr", rows, [paths[r] for r in rows], CountingBackbone(), LONG_SIDE,
+    def write(rows: list[int], backbone: CountingBackbone) -> int:
+        return extract_rows(tmp_path / "shared.zarr", rows, [paths[r] for r in rows], backbone, LONG_SIDE,
                             batch_size=1, amp=False, shard_lock=lock_of)
 
+    backbones = [CountingBackbone(), CountingBackbone()]  # built here: their seeded init uses torch's global RNG
     with ThreadPoolExecutor(2) as pool:
-        assert sum(pool.map(write, [[0, 1, 2, 3, 4, 5], [6, 7]])) == len(SIZES)
+        assert sum(pool.map(write, [[0, 1, 2, 3, 4, 5], [6, 7]], backbones)) == len(SIZES)
     # shard 1's features and its done/size rows were written under its lock by each writer; shard 0 (one writer) never
     assert sorted(taken) == [1, 1, 1, 1]
     a, b = open_store(tmp_path / "once.zarr", EMBEDDINGS), open_store(tmp_path / "shared.zarr", EMBEDDINGS)
