@@ -9,8 +9,9 @@ with one :class:`StoreValidationError` that says what differs, never deep inside
 Chunking: along a dimension listed in the schema's ``write_units``, every array of the
 store is split into blocks of that many entries (zarr shards, or plain chunks when the
 array has no finer ``chunks`` rule). A writer that owns one block of, say, images owns
-whole files in every array, so concurrent writers never touch the same file and a killed
-run leaves whole blocks only.
+whole files in every array, so writers of different blocks never touch the same file and a
+killed run leaves whole blocks only. Writers that share a block must take turns: a write into
+part of a block rewrites its file (see ``fss_core.embeddings.extract``).
 """
 
 from __future__ import annotations
