@@ -287,3 +287,35 @@ def test_a_run_inside_a_shard_needs_its_lock(tmp_path):
     with pytest.raises(ValueError, match="pass shard_lock"):
         extract_rows(tmp_path / "e.zarr", [4, 5], paths[4:6], CountingBackbone(), LONG_SIDE, 2)
     assert not open_store(tmp_path / "e.zarr", EMBEDDINGS)["done"][:].any()
+
+
+def test_extract_tasks_on_dask_workers_sharing_a_shard_store_what_one_writer_does(tmp_path):
+    """The pipeline's case: two tasks on Dask workers split a shard; its writes take turns under
+    the cluster's lock of that shard (acquired from each writer's background thread)."""
+    distributed = pytest.importorskip("distributed")
+    from functools import partial
+
+    from tasks.extract import shard_lock
+
+    paths = _images(tmp_path, SIZES)
+    _store(tmp_path / "once.zarr", SIZES)
+    _extract_all(tmp_path / "once.zarr", paths, CountingBackbone())
+    store = tmp_path / "shared.zarr"
+    _store(store, SIZES)
+
+    def write(rows: list[int]) -> tuple[int, str]:
+        lock = partial(shard_lock, store)
+        done = extract_rows(store, rows, [paths[r] for r in rows], backbone, LONG_SIDE, batch_size=1, amp=False,
+                            shard_lock=lock)
+        return done, type(lock(1)).__module__
+
+    backbone = CountingBackbone()  # built once, here: its seeded init draws from torch's global RNG
+    with distributed.LocalCluster(n_workers=2, processes=False, threads_per_worker=1,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        futures = client.map(write, [[0, 1, 2, 3, 4, 5], [6, 7]], pure=False)
+        results = client.gather(futures)
+    assert sum(done for done, _ in results) == len(SIZES)
+    assert all(kind.startswith("distributed") for _, kind in results)  # the cluster's lock, not a local one
+    a, b = open_store(tmp_path / "once.zarr", EMBEDDINGS), open_store(store, EMBEDDINGS)
+    for name in ("features", "valid_hw", "image_hw", "done"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -75,13 +74,3 @@ def test_a_shards_lock_is_one_per_store_and_shard_and_excludes_other_writers(tmp
         t.join()
     assert overlaps == [1, 1, 1, 1]
 
-
-def test_on_dask_workers_the_lock_is_the_clusters(tmp_path):
-    distributed = pytest.importorskip("distributed")
-
-    def lock_kind(store: str) -> str:
-        return type(shard_lock(Path(store), 0)).__module__
-
-    with distributed.LocalCluster(n_workers=1, processes=False, threads_per_worker=1,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
-        assert client.submit(lock_kind, str(tmp_path / "a.zarr")).result().startswith("distributed")
