@@ -387,7 +387,6 @@ def extract_rows(
                       for k, b in enumerate(batches[:PREFETCH_BATCHES]))
         next_batch = len(loads)
         for shard, block_todo in blocks:
-            writer.submit(buffer.begin, locks[shard])
             sizes = np.empty((len(block_todo), 2, 2), dtype=np.int32)  # (image_hw, valid_hw) per row
             for first in range(0, len(block_todo), batch_size):
                 batch_rows = block_todo[first : first + batch_size]
@@ -403,7 +402,7 @@ def extract_rows(
                                      f"the backbone gives {[stored_channels, *computed.shape[2:]]}")
                 for i, geometry in enumerate(geometries, first):
                     sizes[i] = (geometry.orig_h, geometry.orig_w), valid_cells(geometry, stride, grid)
-                writer.submit(buffer.add, batch_rows, computed)
+                writer.submit(buffer.add, batch_rows, computed, locks[shard])
                 bar.update(len(batch_rows))
             writer.submit(buffer.flush)
             writer.submit(_finish_block, group, block_todo, sizes, locks[shard])
@@ -445,12 +444,11 @@ class _ShardBuffer:
         self.rows: list[int] = []
         self.lock: AbstractContextManager = nullcontext()
 
-    def begin(self, lock: AbstractContextManager) -> None:
-        """The rows added next belong to a shard whose writes happen inside ``lock``."""
+    def add(self, rows: list[int], computed: torch.Tensor, lock: AbstractContextManager) -> None:
+        """Backbone features of ``rows`` → normalised (projected) float16 rows of the buffer.
+        ``lock``: held while writing these rows' shard (every row of the buffer is of one shard
+        until :meth:`flush`)."""
         self.lock = lock
-
-    def add(self, rows: list[int], computed: torch.Tensor) -> None:
-        """Backbone features of ``rows`` → normalised (projected) float16 rows of the buffer."""
         done = 0
         while done < len(rows):
             if len(self.rows) == len(self.values):
