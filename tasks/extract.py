@@ -201,8 +201,8 @@ def extract_block(cfg: PipelineConfig, ref: BackboneRef, rows: list[int], paths:
                         progress=False, shard_lock=functools.partial(shard_lock, store.resolve()))
 
 
-_local_locks: dict[str, threading.Lock] = {}
-_local_locks_guard = threading.Lock()
+_locks: dict[str, object] = {}
+_locks_guard = threading.Lock()
 
 
 def shard_lock(store: Path, shard: int):
@@ -210,15 +210,19 @@ def shard_lock(store: Path, shard: int):
 
     On a Dask worker it is the cluster's lock of that name (held through the scheduler, so
     writers in every worker process, on every machine, exclude each other; it is released when
-    its holder dies). Elsewhere (tasks called in-process) it is a lock of this process.
+    its holder dies). Elsewhere (tasks called in-process) it is a lock of this process. One
+    object per name and process: a cluster lock keeps a lease-refresh callback for as long as it
+    lives, so a worker serving many runs must not make a new one per task.
     """
     name = f"fss-embeddings-shard:{store}:{shard}"
-    try:
-        distributed.get_worker()
-    except ValueError:  # not on a Dask worker
-        with _local_locks_guard:
-            return _local_locks.setdefault(name, threading.Lock())
-    return distributed.Lock(name)
+    with _locks_guard:
+        if name not in _locks:
+            try:
+                distributed.get_worker()
+                _locks[name] = distributed.Lock(name)
+            except ValueError:  # not on a Dask worker
+                _locks[name] = threading.Lock()
+        return _locks[name]
 
 
 def finish_extraction(cfg: PipelineConfig, plan: ExtractPlan, computed: list[int],
