@@ -361,13 +361,14 @@ def extract_rows(
         return 0
 
     backbone = _on_device(backbone, device)
-    start, stop = rows[0], rows[-1] + 1
-    shards = [(k, block) for k, block in enumerate(shard_blocks(n, unit)) if block.start < stop and block.stop > start]
+    by_shard: dict[int, list[int]] = {}
+    for r in todo:
+        by_shard.setdefault(r // unit, []).append(r)
+    blocks = list(by_shard.items())  # (shard index, its rows to compute), in row order
     # a shard the run covers only in part has another writer: its writes happen under its lock
-    shared = {k for k, block in shards if block.start < start or block.stop > stop}
-    locks = {k: shard_lock(k) if shard_lock is not None and k in shared else nullcontext() for k, _ in shards}
-    blocks = [(k, [r for r in todo if r in block]) for k, block in shards]
-    blocks = [(k, b) for k, b in blocks if b]
+    start, stop = rows[0], rows[-1] + 1
+    locks = {k: shard_lock(k) if shard_lock is not None and (k * unit < start or min((k + 1) * unit, n) > stop)
+             else nullcontext() for k in by_shard}
     batches = [b[i : i + batch_size] for _, b in blocks for i in range(0, len(b), batch_size)]
     start_time = time.perf_counter()
     bar = tqdm(total=len(todo), desc="extract", unit="img", disable=not progress)
