@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from fss_cli.errors import OneLineErrors, debugging, hide_tracebacks_in_terminal_logs, quiet_local_workers
+from fss_cli.process import console_process, heavy_imports
 
 # Prefect reads these at import time: keep its state out of the user's home by default,
 # and send nothing to the network.
@@ -182,11 +183,12 @@ def _run_pipeline(cfg, dask_address: str | None, until: str = "register") -> dic
     with workspace_lock(workspace_of(cfg).root, what=f"fss (until {until})"):
         if not debugging():
             quiet_local_workers()
-        if not (dask_address or cfg.runtime.dask_address):
-            from flows.dask_runtime import start_worker_forkserver
+        with heavy_imports():
+            if not (dask_address or cfg.runtime.dask_address):
+                from flows.dask_runtime import start_worker_forkserver
 
-            start_worker_forkserver()  # its imports overlap with the flow's, on another core
-        from flows.pipeline import pipeline
+                start_worker_forkserver()  # its imports overlap with the flow's, on another core
+            from flows.pipeline import pipeline
 
         if not debugging():
             hide_tracebacks_in_terminal_logs()  # Prefect installs its console handlers on import
@@ -285,7 +287,8 @@ def evaluate(
         results = _run_pipeline(cfg, dask_address, until="evaluate")
         typer.echo(results["evaluate"].table)
         return
-    from fss_cli.standalone import evaluate_standalone
+    with heavy_imports():
+        from fss_cli.standalone import evaluate_standalone
 
     typer.echo(evaluate_standalone(cfg, bundle, out or Path("evaluation"), save_predictions, overlays))
 
@@ -300,8 +303,9 @@ def predict(
     device: str = "cpu",
 ) -> None:
     """Segment, in new images, the class the support masks show (masks: nonzero = foreground)."""
-    from fss_core.inference.predict import PredictInputError, predict as run_predict, save_masks
-    from fss_core.models.fss.bundle import load_bundle
+    with heavy_imports():
+        from fss_core.inference.predict import PredictInputError, predict as run_predict, save_masks
+        from fss_core.models.fss.bundle import load_bundle
 
     _setup_logging()
     pairs = []
@@ -374,13 +378,15 @@ def serve_cmd(
     if mlflow_tracking_uri:
         overrides.append(f"runtime.mlflow_tracking_uri={mlflow_tracking_uri}")
     _config(config, overrides)  # fail now, not at the first triggered run
-    from flows.deploy import serve_deployments
+    with heavy_imports():
+        from flows.deploy import serve_deployments
 
     serve_deployments(config_path=str(config.resolve()) if config else None, overrides=overrides,
                       dask_address=dask_address, retrain_cron=retrain_cron)
 
 
 def main() -> None:  # pragma: no cover - console entry point
+    console_process()
     app()
 
 

@@ -1,0 +1,67 @@
+"""The `fss` process's cyclic garbage collector, set for a short process that imports a large stack.
+
+CPython's cyclic collector walks every object it tracks on each full collection, and runs one
+whenever the tracked objects have grown by a quarter. Importing torch, Prefect, MLflow, Dask and
+zarr creates about a million of them. Measured on this project's machines
+(docs/benchmarks.md, "orchestration"):
+
+- the collections during those imports take about a fifth of the imports' time;
+- the interpreter's own collections when it exits took about 2 s after a pipeline run, mostly
+  spent walking those same objects again.
+
+Objects created by imports live as long as the process does, so the collector gains nothing by
+walking them. :func:`heavy_imports` imports with the collector off, then moves everything that
+exists into the collector's permanent generation (:func:`gc.freeze`), which it never walks;
+collection then goes on as usual for everything created later. At exit, after every other
+``atexit`` handler (Prefect's and MLflow's flushes included), one last collection finalises the
+run's own garbage and the rest is frozen, so the interpreter frees the modules without walking
+the whole heap again and again.
+
+Only the console entry point turns this on (:func:`console_process`). A process that imports
+the CLI as a library, the test suite for one, keeps the collector as it was: freezing there would
+keep whatever happened to be alive out of the collector's reach for good.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+from collections.abc import Iterator
+
+_console = False
+
+
+def console_process() -> None:
+    """Mark this process as the `fss` command: :func:`heavy_imports` freezes what they import,
+    and the interpreter's exit skips walking the objects alive at exit."""
+    global _console
+    _console = True
+    # Handlers run last-in first-out: registered before the stack is imported, this one runs after
+    # the stack's own handlers.
+    atexit.register(_collect_then_freeze)
+
+
+def _collect_then_freeze() -> None:
+    # One collection first, so that the run's cyclic garbage is still finalised (its __del__ runs),
+    # as the interpreter's teardown would; it walks only what the run created, since the imports
+    # are frozen. Then the teardown has nothing left to walk.
+    gc.collect()
+    gc.freeze()
+
+
+@contextlib.contextmanager
+def heavy_imports() -> Iterator[None]:
+    """Import inside this block with the collector off, then freeze what exists; a no-op outside
+    the console process."""
+    if not _console:
+        yield
+        return
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if was_enabled:
+            gc.enable()

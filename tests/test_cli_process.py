@@ -1,0 +1,112 @@
+"""The garbage collector's settings in the `fss` process and in the processes Dask workers are
+forked from: imports frozen out of the collector's reach, everything else collected as usual,
+nothing lost at exit."""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fss_cli.process import heavy_imports
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_outside_the_console_process_imports_leave_the_collector_alone():
+    """A library user of the CLI (this test process, for one) keeps its collector as it was."""
+    frozen, enabled = gc.get_freeze_count(), gc.isenabled()
+    with heavy_imports():
+        import fractions  # noqa: F401
+    assert gc.get_freeze_count() == frozen
+    assert gc.isenabled() == enabled
+
+
+def test_the_console_process_freezes_its_imports_and_collects_the_rest(tmp_path):
+    done = _python("""
+        import gc, sys
+        from fss_cli.process import console_process, heavy_imports
+
+        console_process()
+        with heavy_imports():
+            assert not gc.isenabled()
+            import decimal, email.message, xml.dom.minidom
+        assert gc.isenabled()
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000, frozen
+
+        # a cycle made after the imports is still collected
+        a = []; a.append(a)
+        del a
+        assert gc.collect() >= 1
+        assert gc.get_freeze_count() == frozen
+
+        # the collector comes back on when an import fails
+        try:
+            with heavy_imports():
+                import no_such_module_here  # noqa: F401
+        except ImportError:
+            pass
+        assert gc.isenabled()
+        print("ok")
+    """)
+    assert done.stdout.strip() == "ok"
+
+
+def test_nothing_is_lost_at_exit(tmp_path):
+    """Garbage in a reference cycle is still finalised when the process exits, as in a plain
+    interpreter (where the last collection happens during teardown), and the other exit handlers
+    still run."""
+    finalised, marker = tmp_path / "finalised.txt", tmp_path / "atexit.txt"
+    _python(f"""
+        import atexit
+        from fss_cli.process import console_process, heavy_imports
+
+        console_process()
+        with heavy_imports():
+            import decimal  # noqa: F401
+        atexit.register(lambda: open({str(marker)!r}, "w").write("ran"))
+
+        class Resource:
+            def __del__(self):
+                with open({str(finalised)!r}, "w") as f:
+                    f.write("finalised")
+
+        r = Resource()
+        r.self = r
+        del r
+    """)
+    assert finalised.read_text() == "finalised"
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no fork on Windows")
+def test_a_worker_forked_from_the_forkserver_collects_with_the_stack_frozen():
+    """The forkserver imports with its collector off; the worker it forks starts with the
+    collector on, as a spawned one does, and the imported stack frozen."""
+    done = _python("""
+        import gc, os, sys
+        import flows.forkserver_setup  # first, as in the forkserver's preload
+        import decimal, email.message  # the stack, imported after it
+
+        assert not gc.isenabled()  # the forkserver itself never collects
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(write, f"{int(gc.isenabled())} {gc.get_freeze_count()}".encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        enabled, frozen = map(int, os.read(read, 100).split())
+        assert enabled == 1
+        assert frozen > 1000, frozen
+        print("ok")
+    """)
+    assert done.stdout.strip() == "ok"
