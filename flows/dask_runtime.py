@@ -101,7 +101,7 @@ def dask_cluster(runtime: RuntimeConfig) -> Iterator[str]:
         env=env,
         # Each worker imports the task modules (Prefect, the tasks) as it starts, all in parallel,
         # instead of in front of each stage's first task on each worker (docs/benchmarks.md).
-        preload=[*_configured_preloads(), "flows.pipeline"],
+        preload=[*_configured_preloads(), "flows.worker_setup"],
     ) as cluster:
         log.info("Dask dashboard: %s", cluster.dashboard_link)
         yield cluster.scheduler_address

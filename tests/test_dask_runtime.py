@@ -33,6 +33,7 @@ def test_local_workers_are_forked_like_spawned_ones_with_the_stack_loaded(prefec
     from prefect.client.orchestration import get_client
 
     def facts():
+        import gc
         import os
 
         from prefect.settings import PREFECT_API_URL
@@ -42,7 +43,7 @@ def test_local_workers_are_forked_like_spawned_ones_with_the_stack_loaded(prefec
 
         return {"parent": os.getppid(), "api_url": PREFECT_API_URL.value(),
                 "loaded": [m for m in ("torch", "fss_core.training.trainer", "tasks.train") if m in sys.modules],
-                "threads": torch.get_num_threads(), "torch_draw": float(torch.rand(1)),
+                "threads": torch.get_num_threads(), "collector": gc.isenabled(), "torch_draw": float(torch.rand(1)),
                 "numpy_draw": float(np.random.random_sample())}
 
     with get_client(sync_client=True) as client:
@@ -54,7 +55,9 @@ def test_local_workers_are_forked_like_spawned_ones_with_the_stack_loaded(prefec
         assert worker["parent"] == forkserver._forkserver._forkserver_pid  # forked, not spawned
         assert worker["api_url"] == str(api_url)
         assert worker["loaded"] == ["torch", "fss_core.training.trainer", "tasks.train"]
-        # as a spawned worker: Dask's one-thread environment, its own random states
+        # as a spawned worker: Dask's one-thread environment, its own random states, the
+        # garbage collector on
         assert worker["threads"] == 1
+        assert worker["collector"]
     assert workers[0]["torch_draw"] != workers[1]["torch_draw"]
     assert workers[0]["numpy_draw"] != workers[1]["numpy_draw"]
