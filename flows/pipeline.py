@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask
@@ -24,7 +26,7 @@ from tasks.task_index import task_index_task
 from tasks.evaluate import evaluate_fold_task, evaluate_task
 from tasks.register import register_task
 from tasks.train import train_task
-from tasks.tracking import pipeline_run
+from tasks.tracking import ensure_experiment, pipeline_run
 from tasks.workspace import save_resolved_config, workspace_lock, workspace_of
 
 log = logging.getLogger(__name__)
@@ -140,8 +142,22 @@ def pipeline(
     ws = workspace_of(cfg)
     run_dir = save_resolved_config(cfg, ws)
     log.info("workspace %s; resolved config in %s", ws.root, run_dir)
-    with workspace_lock(ws.root, what="fss-pipeline flow"), dask_cluster(cfg.runtime) as address, \
-            pipeline_run(cfg) as run:
+    with workspace_lock(ws.root, what="fss-pipeline flow"), cluster_and_run(cfg) as (address, run):
         runner = DaskTaskRunner(address=address)
         results = stages.with_options(task_runner=runner)(cfg.model_dump(mode="json"), run.info.run_id, until=until)
     return results
+
+
+@contextlib.contextmanager
+def cluster_and_run(cfg: PipelineConfig, run_name: str = "pipeline") -> Iterator[tuple[str, Any]]:
+    """The Dask cluster's address and MLflow's parent run, for the flow's stages.
+
+    The tracking store opens on a thread while the cluster starts: MLflow imports its SQL store
+    (and alembic) and checks the database on a process's first call, about 0.6 s here that
+    would otherwise follow the cluster's start (docs/benchmarks.md, "orchestration")."""
+    with ThreadPoolExecutor(1, thread_name_prefix="tracking-store") as pool:
+        store_open = pool.submit(ensure_experiment, cfg)
+        with dask_cluster(cfg.runtime) as address:
+            store_open.result()
+            with pipeline_run(cfg, run_name=run_name) as run:
+                yield address, run

@@ -10,13 +10,11 @@ from typing import Any
 from prefect import flow
 from prefect_dask import DaskTaskRunner
 
-from flows.dask_runtime import dask_cluster
-from flows.pipeline import stages
+from flows.pipeline import cluster_and_run, stages
 from fss_core.config import PipelineConfig, load_config
 from storage_schemas import EMBEDDINGS, StoreValidationError, open_store
 from tasks.ingest import run_ingest, training_rows
 from tasks.registry import champion_bundle
-from tasks.tracking import pipeline_run
 from tasks.workspace import save_resolved_config, workspace_lock, workspace_of
 
 log = logging.getLogger(__name__)
@@ -65,7 +63,7 @@ def _retrain(cfg: PipelineConfig, ws) -> dict[str, Any]:
     cfg.train.epochs = cfg.retrain.epochs
     log.info("retrain: %d new images (%d known); fine-tuning from the champion", new, known)
     save_resolved_config(cfg, ws)
-    with dask_cluster(cfg.runtime) as address, pipeline_run(cfg, run_name="retrain") as run:
+    with cluster_and_run(cfg, run_name="retrain") as (address, run):
         results = stages.with_options(task_runner=DaskTaskRunner(address=address))(
             cfg.model_dump(mode="json"), run.info.run_id, warm_start=True, init_bundle=str(start))
     return {"retrained": True, "new_images": new, "known_images": known, **results}
