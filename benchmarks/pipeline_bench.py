@@ -77,6 +77,10 @@ def child(args: argparse.Namespace) -> None:
     """Run one flow and write its timings (epoch seconds) and task runs to ``args.result``."""
     started = time.time()
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    from fss_cli.process import console_process, heavy_imports
+
+    if not args.gc_default:  # as the `fss` command sets its collector
+        console_process()
     from fss_cli.errors import quiet_local_workers
     from fss_core.config import load_config
 
@@ -84,27 +88,28 @@ def child(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING)
     overrides = [f"runtime.workspace={args.workspace}", *args.set]
     cfg = load_config(None, overrides)
-    if args.spawn:  # the forkserver's baseline: each worker spawned, importing the stack itself
-        import flows.dask_runtime
+    with heavy_imports():
+        if args.spawn:  # the forkserver's baseline: each worker spawned, importing the stack itself
+            import flows.dask_runtime
 
-        flows.dask_runtime.start_worker_forkserver = lambda: False
-    else:  # as `fss run` does: the forkserver's imports overlap with this process's own
-        from flows.dask_runtime import start_worker_forkserver
+            flows.dask_runtime.start_worker_forkserver = lambda: False
+        else:  # as `fss run` does: the forkserver's imports overlap with this process's own
+            from flows.dask_runtime import start_worker_forkserver
 
-        start_worker_forkserver()
-    import flows.pipeline
-    import flows.retrain
+            start_worker_forkserver()
+        import flows.pipeline
+        import flows.retrain
 
     phases: dict[str, float] = {}
-    for module in (flows.pipeline, flows.retrain):  # time the Dask cluster's start and stop
-        module.dask_cluster = _timed_cluster(module.dask_cluster, phases)
+    # time the Dask cluster's start and stop (both flows start it through flows.pipeline)
+    flows.pipeline.dask_cluster = _timed_cluster(flows.pipeline.dask_cluster, phases)
     if args.without_preload:  # the baseline of the workers' preload: task modules imported on first use
         import distributed
 
         start_cluster = distributed.LocalCluster.__init__
 
         def without_preload(self, *a, **kw):
-            kw["preload"] = [m for m in kw.get("preload", []) if m != "flows.pipeline"]
+            kw["preload"] = [m for m in kw.get("preload", []) if m != "flows.worker_setup"]
             start_cluster(self, *a, **kw)
 
         distributed.LocalCluster.__init__ = without_preload
@@ -129,9 +134,10 @@ def child(args: argparse.Namespace) -> None:
     tasks = [{"name": r.name, "stage": stage_of(r.name), "start": r.start_time.timestamp(),
               "end": r.end_time.timestamp()}
              for r in runs if r.start_time and r.end_time and stage_of(r.name)]  # not the subflow's own run
+    ssl_seconds = _ssl_seconds(cfg, imported)
     summary = {"process_start": started, "flow_start": imported, "flow_end": finished, "tasks": tasks,
-               "query_seconds": time.time() - finished,  # this benchmark's own reading of the task runs
-               "extracted": results.get("extracted"), "ssl_seconds": _ssl_seconds(cfg, imported), **phases}
+               "query_seconds": time.time() - finished,  # this benchmark's own reading of the runs
+               "extracted": results.get("extracted"), "ssl_seconds": ssl_seconds, **phases}
     Path(args.result).write_text(json.dumps(summary))
 
 
@@ -305,12 +311,13 @@ def _orchestration_runs(args, env: dict, work: Path, images: int, baselines: boo
     ephemeral_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
     # no server (Prefect's temporary one, as a bare `fss run` starts it); the re-run's baselines
     runs["cached_ephemeral"] = run_flow("pipeline", ws, overrides, ephemeral_env, work) if baselines else None
-    runs["with_preload"], runs["without_preload"], runs["spawned"] = [], [], []
+    runs["with_preload"], runs["without_preload"], runs["spawned"], runs["gc_default"] = [], [], [], []
     for _ in range(2 if baselines else 0):  # interleaved cached re-runs against the baselines
         runs["with_preload"].append(run_flow("pipeline", ws, overrides, env, work)["process_wall"])
         runs["without_preload"].append(run_flow("pipeline", ws, overrides, env, work,
                                                 ("--without-preload",))["process_wall"])
         runs["spawned"].append(run_flow("pipeline", ws, overrides, env, work, ("--spawn",))["process_wall"])
+        runs["gc_default"].append(run_flow("pipeline", ws, overrides, env, work, ("--gc-default",))["process_wall"])
     from fss_core.data.synthetic import append_train_images
     from storage_schemas import EMBEDDINGS, open_store
 
@@ -378,6 +385,11 @@ def orchestration(args, env: dict, work: Path) -> str:
             f"{statistics.median(with_preload):.1f} s / {statistics.median(without_preload):.1f} s",
             f"{statistics.median(with_preload) / statistics.median(without_preload):.3f}", "", ""]]
           if with_preload else []),
+        *([["cached re-run: the run's process with the `fss` command's garbage-collector settings / "
+            f"Python's defaults (median of {len(with_preload)} interleaved runs each)",
+            f"{statistics.median(with_preload):.1f} s / {statistics.median(small['gc_default']):.1f} s",
+            f"{statistics.median(with_preload) / statistics.median(small['gc_default']):.3f}", "", ""]]
+          if with_preload else []),
         [f"{images} images: retrain flow (+10 % images) / first run (process wall)",
          f"{incremental['process_wall']:.1f} s / {first['process_wall']:.1f} s",
          f"{incremental['process_wall'] / first['process_wall']:.3f}", "", ""],
@@ -418,8 +430,8 @@ def orchestration(args, env: dict, work: Path) -> str:
         "benchmark's reading of its task runs from the API afterwards, the time the ratios use; "
         "*imports* = process start to the flow call; *cluster start* / *stop* = "
         "the LocalCluster (2 worker processes) starting and closing inside the flow; *first task* = flow call "
-        "to the first task's start (cluster start, the MLflow parent run, the subflow, and the first worker "
-        "importing the task's modules); stages = span of their task runs, which include the imports (torch, "
+        "to the first task's start (cluster start, with MLflow's store opening meanwhile on a thread, then the "
+        "MLflow parent run and the subflow); stages = span of their task runs, which include the imports (torch, "
         "MLflow, the science) each worker process makes on its first task of a module):",
         "",
         *table(["run", "process", "imports", "flow", "tasks", "overhead", "cluster start", "first task",
@@ -472,6 +484,8 @@ def main() -> None:
         parser.add_argument("--set", action="append", default=[])
         parser.add_argument("--without-preload", action="store_true")
         parser.add_argument("--spawn", action="store_true")
+        parser.add_argument("--gc-default", action="store_true",
+                            help="the baseline of fss_cli.process: the run's process keeps Python's collector settings")
         child(parser.parse_args())
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
