@@ -5,7 +5,7 @@ whenever the tracked objects have grown by a quarter. Importing torch, Prefect, 
 zarr creates about a million of them. Measured on this project's machines
 (docs/benchmarks.md, "orchestration"):
 
-- the collections during those imports take about a fifth of the imports' time;
+- the collections during those imports take about a quarter of the imports' time;
 - the interpreter's own collections when it exits took about 2 s after a pipeline run, mostly
   spent walking those same objects again.
 
