@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from fss_cli.errors import OneLineErrors, debugging, hide_tracebacks_in_terminal_logs, quiet_local_workers
-from fss_cli.process import console_process, heavy_imports
+from fss_cli.process import console_process, heavy_imports, start_temporary_prefect_server
 
 # Prefect reads these at import time: keep its state out of the user's home by default,
 # and send nothing to the network.
@@ -188,10 +188,13 @@ def _run_pipeline(cfg, dask_address: str | None, until: str = "register") -> dic
                 from flows.dask_runtime import start_worker_forkserver
 
                 start_worker_forkserver()  # its imports overlap with the flow's, on another core
+            server = start_temporary_prefect_server()  # so does its start, where the flow needs one
             from flows.pipeline import pipeline
 
         if not debugging():
             hide_tracebacks_in_terminal_logs()  # Prefect installs its console handlers on import
+        if server is not None:
+            server.join()
         return pipeline(config=cfg.model_dump(mode="json"), dask_address=dask_address, until=until)
 
 

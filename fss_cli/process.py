@@ -1,4 +1,5 @@
-"""The `fss` process's cyclic garbage collector, set for a short process that imports a large stack.
+"""How the `fss` process starts and ends: its garbage collector, set for a short process that imports
+a large stack, and Prefect's temporary server started early.
 
 CPython's cyclic collector walks every object it tracks on each full collection, and runs one
 whenever the tracked objects have grown by a quarter. Importing torch, Prefect, MLflow, Dask and
@@ -27,7 +28,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import logging
+import threading
 from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
 
 _console = False
 
@@ -65,3 +70,31 @@ def heavy_imports() -> Iterator[None]:
         gc.freeze()
         if was_enabled:
             gc.enable()
+
+
+def start_temporary_prefect_server() -> threading.Thread | None:
+    """Start Prefect's temporary server now, on a thread, when the flow would start one anyway.
+
+    With no ``PREFECT_API_URL``, a flow's first call to the Prefect API starts a temporary server
+    (a uvicorn process, about 3.5 s to boot here) and waits for it. Started here, before the
+    command imports its stack, it boots on another core meanwhile. It is Prefect's own server
+    object (one per process), so the flow finds it running and uses it, and Prefect stops it at
+    exit as before. Join the thread before the flow starts: it ends once the server answers. If
+    the start fails, the flow starts the server itself, as it would have, and reports the error.
+    None where a server is configured or temporary servers are off."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+
+    def boot() -> None:
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()
+        except Exception:  # noqa: BLE001 - the flow's own start raises it again, with Prefect's message
+            log.debug("the temporary Prefect server did not start early", exc_info=True)
+
+    thread = threading.Thread(target=boot, name="prefect-temporary-server", daemon=True)
+    thread.start()
+    return thread

@@ -5,9 +5,11 @@ nothing lost at exit."""
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -110,3 +112,46 @@ def test_a_worker_forked_from_the_forkserver_collects_with_the_stack_frozen():
         print("ok")
     """)
     assert done.stdout.strip() == "ok"
+
+
+def test_with_a_configured_server_no_temporary_one_is_started(prefect_harness):
+    from fss_cli.process import start_temporary_prefect_server
+
+    assert start_temporary_prefect_server() is None
+
+
+def test_without_a_server_the_flow_finds_the_temporary_one_started_early(tmp_path):
+    """The temporary server started before the imports is the one Prefect's client then uses,
+    already answering; Prefect stops it when the process exits."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+    code = textwrap.dedent("""
+        from fss_cli.process import start_temporary_prefect_server
+        from prefect.client.orchestration import get_client
+        from prefect.server.api.server import SubprocessASGIServer
+
+        thread = start_temporary_prefect_server()
+        thread.join()
+        server = SubprocessASGIServer()
+        assert server.running and server.server_process.poll() is None
+        with get_client(sync_client=True) as client:
+            assert str(client.api_url).rstrip("/") == server.api_url, (client.api_url, server.api_url)
+            assert client.api_healthcheck() is None  # None: healthy
+        print(server.server_process.pid)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    pid = int(done.stdout.strip().splitlines()[-1])
+    deadline = time.time() + 30
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(pid), "the temporary server outlived the process"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
