@@ -77,7 +77,7 @@ def child(args: argparse.Namespace) -> None:
     """Run one flow and write its timings (epoch seconds) and task runs to ``args.result``."""
     started = time.time()
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    from fss_cli.process import console_process, heavy_imports
+    from fss_cli.process import console_process, heavy_imports, start_temporary_prefect_server
 
     if not args.gc_default:  # as the `fss` command sets its collector
         console_process()
@@ -97,6 +97,7 @@ def child(args: argparse.Namespace) -> None:
             from flows.dask_runtime import start_worker_forkserver
 
             start_worker_forkserver()
+        server = None if args.late_server else start_temporary_prefect_server()
         import flows.pipeline
         import flows.retrain
 
@@ -113,6 +114,8 @@ def child(args: argparse.Namespace) -> None:
             start_cluster(self, *a, **kw)
 
         distributed.LocalCluster.__init__ = without_preload
+    if server is not None:
+        server.join()
     imported = time.time()
     if args.flow == "retrain":
         results = flows.retrain.retrain(overrides=overrides)
@@ -312,12 +315,16 @@ def _orchestration_runs(args, env: dict, work: Path, images: int, baselines: boo
     # no server (Prefect's temporary one, as a bare `fss run` starts it); the re-run's baselines
     runs["cached_ephemeral"] = run_flow("pipeline", ws, overrides, ephemeral_env, work) if baselines else None
     runs["with_preload"], runs["without_preload"], runs["spawned"], runs["gc_default"] = [], [], [], []
+    runs["no_server_early"], runs["no_server_late"] = [], []
     for _ in range(2 if baselines else 0):  # interleaved cached re-runs against the baselines
         runs["with_preload"].append(run_flow("pipeline", ws, overrides, env, work)["process_wall"])
         runs["without_preload"].append(run_flow("pipeline", ws, overrides, env, work,
                                                 ("--without-preload",))["process_wall"])
         runs["spawned"].append(run_flow("pipeline", ws, overrides, env, work, ("--spawn",))["process_wall"])
         runs["gc_default"].append(run_flow("pipeline", ws, overrides, env, work, ("--gc-default",))["process_wall"])
+        runs["no_server_early"].append(run_flow("pipeline", ws, overrides, ephemeral_env, work)["process_wall"])
+        runs["no_server_late"].append(run_flow("pipeline", ws, overrides, ephemeral_env, work,
+                                               ("--late-server",))["process_wall"])
     from fss_core.data.synthetic import append_train_images
     from storage_schemas import EMBEDDINGS, open_store
 
@@ -389,6 +396,11 @@ def orchestration(args, env: dict, work: Path) -> str:
             f"Python's defaults (median of {len(with_preload)} interleaved runs each)",
             f"{statistics.median(with_preload):.1f} s / {statistics.median(small['gc_default']):.1f} s",
             f"{statistics.median(with_preload) / statistics.median(small['gc_default']):.3f}", "", ""]]
+          if with_preload else []),
+        *([["cached re-run without a Prefect server: its temporary server started as the run's process starts / "
+            f"when the flow begins (median of {len(with_preload)} interleaved runs each)",
+            f"{statistics.median(small['no_server_early']):.1f} s / {statistics.median(small['no_server_late']):.1f} s",
+            f"{statistics.median(small['no_server_early']) / statistics.median(small['no_server_late']):.3f}", "", ""]]
           if with_preload else []),
         [f"{images} images: retrain flow (+10 % images) / first run (process wall)",
          f"{incremental['process_wall']:.1f} s / {first['process_wall']:.1f} s",
@@ -484,6 +496,8 @@ def main() -> None:
         parser.add_argument("--set", action="append", default=[])
         parser.add_argument("--without-preload", action="store_true")
         parser.add_argument("--spawn", action="store_true")
+        parser.add_argument("--late-server", action="store_true",
+                            help="without a Prefect server: the flow starts the temporary one itself, when it begins")
         parser.add_argument("--gc-default", action="store_true",
                             help="the baseline of fss_cli.process: the run's process keeps Python's collector settings")
         child(parser.parse_args())
