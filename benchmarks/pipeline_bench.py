@@ -440,7 +440,7 @@ def orchestration(args, env: dict, work: Path) -> str:
         "",
         "Where the time goes (seconds; *process* = the run's process from start to exit, less this "
         "benchmark's reading of its task runs from the API afterwards, the time the ratios use; "
-        "*imports* = process start to the flow call; *cluster start* / *stop* = "
+        "*imports* = process start to the flow call (without a server, the wait for its temporary server too); *cluster start* / *stop* = "
         "the LocalCluster (2 worker processes) starting and closing inside the flow; *first task* = flow call "
         "to the first task's start (cluster start, with MLflow's store opening meanwhile on a thread, then the "
         "MLflow parent run and the subflow); stages = span of their task runs, which include the imports (torch, "
