@@ -274,8 +274,9 @@ def test_two_writers_sharing_a_shard_under_its_lock_store_what_one_writer_does(t
     backbones = [CountingBackbone(), CountingBackbone()]  # built here: their seeded init uses torch's global RNG
     with ThreadPoolExecutor(2) as pool:
         assert sum(pool.map(write, [[0, 1, 2, 3, 4, 5], [6, 7]], backbones)) == len(SIZES)
-    # shard 1's features and its done/size rows were written under its lock by each writer; shard 0 (one writer) never
-    assert sorted(taken) == [1, 1, 1, 1]
+    # shard 1 is each writer's last shard, so each writes its features batch by batch (two batches of one
+    # row), then its done/size rows: 3 writes each, all under shard 1's lock; shard 0 (one writer) never locks
+    assert sorted(taken) == [1] * 6
     a, b = open_store(tmp_path / "once.zarr", EMBEDDINGS), open_store(tmp_path / "shared.zarr", EMBEDDINGS)
     for name in ("features", "valid_hw", "image_hw", "done"):
         np.testing.assert_array_equal(a[name][:], b[name][:])
@@ -319,3 +320,34 @@ def test_extract_tasks_on_dask_workers_sharing_a_shard_store_what_one_writer_doe
     a, b = open_store(tmp_path / "once.zarr", EMBEDDINGS), open_store(store, EMBEDDINGS)
     for name in ("features", "valid_hw", "image_hw", "done"):
         np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
+def test_a_shards_flush_never_holds_up_the_next_batch_but_batches_stay_bounded():
+    """The writer bounds the batches waiting to be written (memory), not a shard's flush and
+    small arrays: those queue without making the forward pass wait. Writes run in order."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Event, Thread
+
+    from fss_core.embeddings.extract import _OrderedWriter
+
+    release, ran = Event(), []
+    pool = ThreadPoolExecutor(1)
+    writer = _OrderedWriter(pool, max_pending=2)
+    try:
+        writer.submit(lambda: (release.wait(5), ran.append("batch 0")))
+        writer.submit(ran.append, "batch 1")
+        writer.submit(ran.append, "flush", holds_batch=False)
+        writer.submit(ran.append, "small arrays", holds_batch=False)  # returned at once: not counted
+
+        third = Thread(target=writer.submit, args=(ran.append, "batch 2"))
+        third.start()
+        third.join(0.3)
+        assert third.is_alive(), "a third batch must wait while two are pending"
+        release.set()
+        third.join(5)
+        assert not third.is_alive()
+        writer.wait()
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+    assert ran == ["batch 0", "batch 1", "flush", "small arrays", "batch 2"]

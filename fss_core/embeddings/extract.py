@@ -387,6 +387,7 @@ def extract_rows(
         loads = deque(background.submit(_load_batch, [path_of[r] for r in b], long_side, ring[k])
                       for k, b in enumerate(batches[:PREFETCH_BATCHES]))
         next_batch = len(loads)
+        last_shard = blocks[-1][0]
         for shard, block_todo in blocks:
             sizes = np.empty((len(block_todo), 2, 2), dtype=np.int32)  # (image_hw, valid_hw) per row
             for first in range(0, len(block_todo), batch_size):
@@ -404,9 +405,14 @@ def extract_rows(
                 for i, geometry in enumerate(geometries, first):
                     sizes[i] = (geometry.orig_h, geometry.orig_w), valid_cells(geometry, stride, grid)
                 writer.submit(buffer.add, batch_rows, computed, locks[shard])
+                if shard == last_shard and first + batch_size < len(block_todo):
+                    # Nothing follows the last shard to hide its write behind, so it is written
+                    # batch by batch: the run then ends on one batch's write, not a whole shard's
+                    # (each write rewrites the shard file, a cost the forward pass hides).
+                    writer.submit(buffer.flush, holds_batch=False)
                 bar.update(len(batch_rows))
-            writer.submit(buffer.flush)
-            writer.submit(_finish_block, group, block_todo, sizes, locks[shard])
+            writer.submit(buffer.flush, holds_batch=False)
+            writer.submit(_finish_block, group, block_todo, sizes, locks[shard], holds_batch=False)
         writer.wait()
     finally:
         writer.close()
@@ -500,12 +506,15 @@ class _OrderedWriter:
 
     Once a write fails, the later ones are skipped (a shard's ``done`` is never written after
     its features were lost) and the first error is raised by :meth:`submit` or :meth:`wait`.
-    At most ``max_pending`` writes wait: :meth:`submit` blocks beyond that, bounding memory.
+    At most ``max_pending`` writes that hold a batch wait: :meth:`submit` blocks beyond that,
+    bounding memory. Writes that hold none (a shard's flush and its small arrays) do not count:
+    were they counted, the end of every shard would make the forward pass wait for the next
+    batch's decoding, queued behind them on the same thread (docs/benchmarks.md, "extraction").
     """
 
     def __init__(self, pool: ThreadPoolExecutor, max_pending: int):
         self._pool = pool
-        self._pending: deque = deque()
+        self._pending: deque = deque()  # (future, holds a batch)
         self._max_pending = max_pending
         self._failed = False
 
@@ -518,14 +527,14 @@ class _OrderedWriter:
             self._failed = True
             raise
 
-    def submit(self, fn, *args) -> None:
-        self._pending.append(self._pool.submit(self._run, fn, *args))
-        while len(self._pending) > self._max_pending:
-            self._pending.popleft().result()
+    def submit(self, fn, *args, holds_batch: bool = True) -> None:
+        self._pending.append((self._pool.submit(self._run, fn, *args), holds_batch))
+        while sum(held for _, held in self._pending) > self._max_pending:
+            self._pending.popleft()[0].result()
 
     def wait(self) -> None:
         while self._pending:
-            self._pending.popleft().result()
+            self._pending.popleft()[0].result()
 
     def close(self) -> None:
         """Drop the writes still queued (after an error elsewhere): they are skipped, not run."""
