@@ -25,6 +25,8 @@ from fss_core.geometry import pad_geometry
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN_RGB = tuple(255.0 * m for m in IMAGENET_MEAN)  # fill colour of rotation borders and crop padding
+_MEAN_PLANES = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
+_STD_PLANES = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
 
 ROTATE_P = 0.5
 BLUR_P = 0.5
@@ -38,7 +40,13 @@ Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]  # image [H, W, 3] float32, l
 
 def _image_op(image: np.ndarray, op) -> np.ndarray:
     """Apply a PIL operation to each channel of ``float32 [H, W, 3]`` (mode "F", no rounding)."""
-    return np.stack([np.asarray(op(Image.fromarray(image[..., ch]), ch)) for ch in range(3)], axis=-1)
+    out = None
+    for ch in range(3):
+        result = np.asarray(op(Image.fromarray(np.ascontiguousarray(image[..., ch])), ch))
+        if out is None:
+            out = np.empty((*result.shape, 3), dtype=np.float32)
+        out[..., ch] = result
+    return out
 
 
 def _label_op(label: np.ndarray, padding: np.ndarray, op) -> tuple[np.ndarray, np.ndarray]:
@@ -112,11 +120,16 @@ def rand_crop(image: np.ndarray, label: np.ndarray, padding: np.ndarray, rng: np
     h, w = label.shape
     pad_h, pad_w = max(size - h, 0), max(size - w, 0)
     if pad_h or pad_w:
-        spec = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
-        image = np.stack([np.pad(image[..., ch], spec, constant_values=MEAN_RGB[ch]) for ch in range(3)], axis=-1)
-        label = np.pad(label, spec, constant_values=IGNORE_LABEL)
-        padding = np.pad(padding, spec, constant_values=True)
-        h, w = label.shape
+        inside = (slice(pad_h // 2, pad_h // 2 + h), slice(pad_w // 2, pad_w // 2 + w))
+        h, w = h + pad_h, w + pad_w
+        canvas = np.empty((h, w, 3), dtype=image.dtype)
+        canvas[:] = MEAN_RGB
+        canvas[inside] = image
+        canvas_label = np.full((h, w), IGNORE_LABEL, dtype=label.dtype)
+        canvas_label[inside] = label
+        canvas_padding = np.ones((h, w), dtype=bool)
+        canvas_padding[inside] = padding
+        image, label, padding = canvas, canvas_label, canvas_padding
     foreground = label == 1
     total = int(foreground.sum())
     best, best_kept = (0, 0), -1
@@ -134,10 +147,11 @@ def rand_crop(image: np.ndarray, label: np.ndarray, padding: np.ndarray, rng: np
 
 def to_tensors(image: np.ndarray, label: np.ndarray, padding: np.ndarray) -> tuple[torch.Tensor, ...]:
     """``(image [3, H, W] float32 ImageNet-normalised, label [H, W] int64, padding [H, W] bool)``."""
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-    std = np.asarray(IMAGENET_STD, dtype=np.float32)
-    normalised = (np.asarray(image, dtype=np.float32) / 255.0 - mean) / std
-    return (torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1))),
+    planes = np.array(np.asarray(image, dtype=np.float32).transpose(2, 0, 1), dtype=np.float32, order="C")
+    planes /= 255.0  # the same float32 operations, in place, channel by channel
+    planes -= _MEAN_PLANES
+    planes /= _STD_PLANES
+    return (torch.from_numpy(planes),
             torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64)),
             torch.from_numpy(np.ascontiguousarray(padding, dtype=bool)))
 
