@@ -74,7 +74,7 @@ class InMemoryEpisodes(Dataset):
         return self.by_epoch[self.epoch][i]
 
 
-def build(setting: Setting, work: Path):
+def build(setting: Setting, work: Path, decode_cache_mb: float | None = None):
     from fss_core.data.episodes import SupervisedEpisodeDataset
     from fss_core.data.layouts import read_voc
     from fss_core.data.synthetic import synthesize
@@ -83,8 +83,9 @@ def build(setting: Setting, work: Path):
     if not data.is_dir():
         synthesize(data, seed=0, classes=8, images=setting.images, size=128)
     records = read_voc(data, "train")
+    cache = {} if decode_cache_mb is None else {"decode_cache_mb": decode_cache_mb}
     dataset = SupervisedEpisodeDataset(records, classes=range(1, 9), shots=1, size=setting.image_size,
-                                       min_area=256, area_reference=None, seed=0)
+                                       min_area=256, area_reference=None, seed=0, **cache)
     return dataset
 
 
@@ -138,6 +139,7 @@ def main() -> None:
     dataset = build(setting, work)
     memory = InMemoryEpisodes(dataset, setting.epochs)
     loader_step = {w: loader_alone(setting, dataset, w) for w in setting.num_workers}
+    decoding = {w: loader_alone(setting, build(setting, work, decode_cache_mb=0), w) for w in setting.num_workers}
     real: dict[int, list[list[float]]] = {w: [] for w in setting.num_workers}
     cached: list[list[float]] = []
     for _ in range(setting.repeats):  # interleaved, so a change of load hits every variant alike
@@ -160,11 +162,11 @@ def main() -> None:
         ratio = step_real / step_memory
         print(f"{w} loader workers: step {step_real:.3f} s, in memory {step_memory:.3f} s, ratio {ratio:.2f}; "
               f"first epoch {first_real:.3f} s against {first_memory:.3f} s; loader alone {loader_step[w]:.3f} "
-              "s/batch", flush=True)
+              f"s/batch ({decoding[w]:.3f} decoding every image on every use)", flush=True)
         rows.append([f"{s.image_size} px", f"{s.hidden} / {s.ffn} / {s.heads}", s.batch_size, len(dataset), w,
                      f"{1000 * step_memory:.0f}", f"{1000 * step_real:.0f}", f"**{ratio:.2f}**",
                      verdict(ratio <= TARGET), f"{first_real / first_memory:.2f}", f"{1000 * loader_step[w]:.0f}",
-                     f"{loader_step[w] / step_memory:.2f}"])
+                     f"{loader_step[w] / step_memory:.2f}", f"{1000 * decoding[w]:.0f}"])
     body = "\n".join([
         info.line("train_bench.py"),
         "",
@@ -176,12 +178,15 @@ def main() -> None:
         "`train.num_workers` of the episode-loader run (0, the default: episodes are loaded in the training "
         "thread; >= 1: spawned loader processes that persist across the run's epochs). *first epoch*: the "
         "same ratio over first epochs alone, which pay the workers' start. *loader alone*: the second epoch "
-        "of the trainer's DataLoader with no model.",
+        "of the trainer's DataLoader with no model; *decoding on every use*: the same with "
+        "`train.decode_cache_mb: 0`, so every epoch decodes the JPEGs and label PNGs again (by default "
+        "each loading process keeps them decoded, up to 256 MiB).",
         "",
         *table(["image", "hidden / ffn / heads", "batch", "episodes / epoch", "loader workers",
                 "in-memory step ms", "episode-loader step ms", "loader / in memory", f"target <= {TARGET}",
-                "first epoch: loader / in memory", "loader alone ms / batch", "loader alone / in-memory step"],
-               rows, "llrrrrrrlrrr"),
+                "first epoch: loader / in memory", "loader alone ms / batch", "loader alone / in-memory step",
+                "loader alone, decoding on every use ms / batch"],
+               rows, "llrrrrrrlrrrr"),
     ])
     write_section(out_path(args), "training", body)
     print(body)

@@ -137,6 +137,9 @@ class TrainConfig(_Section):
     num_workers: int = Field(
         0, ge=0, description="episode-loader processes, kept for the whole run; 0 = load in the training process "
                              "(on CPU, 1 is faster only with a core free for it: docs/benchmarks.md, training)")
+    decode_cache_mb: int = Field(
+        256, ge=0, description="decoded images and labels each loading process keeps across epochs, in MiB; "
+                               "0 = decode on every use")
 
 
 class EvaluateConfig(_Section):

@@ -22,8 +22,16 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Settings of how a stage runs that never change what it makes: left out of its key, so that
+# changing them reuses the stored output.
+UNKEYED: dict[str, frozenset[str]] = {
+    "train": frozenset({"num_workers", "decode_cache_mb"}),
+}
+
+
 def build_key(stage: str, cfg: PipelineConfig, *input_keys: str | None) -> str:
     """16 hex digits naming (stage, its config sections, its inputs' keys)."""
-    sections = {s: getattr(cfg, s).model_dump(mode="json") for s in STAGE_SECTIONS.get(stage, ())}
+    sections = {s: getattr(cfg, s).model_dump(mode="json", exclude=set(UNKEYED.get(s, ())))
+                for s in STAGE_SECTIONS.get(stage, ())}
     payload = json.dumps({"stage": stage, "sections": sections, "inputs": list(input_keys)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

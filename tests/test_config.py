@@ -140,3 +140,14 @@ def test_evaluation_episodes_do_not_move_with_pseudo_task_settings():
     stricter = load_config(None, ["evaluate.min_area=4096"])
     assert episode_min_area(stricter, 473) == 4096
     assert build_key("evaluate", stricter, "m") != build_key("evaluate", default, "m")
+
+
+def test_loading_settings_leave_the_trained_model_reusable():
+    """How episodes are loaded (loader processes, decoded-image memory) changes no weight, so
+    changing it must reuse the stored model; a setting that shapes the model must not."""
+    from tasks.keys import build_key
+
+    default = load_config()
+    for override in ("train.num_workers=2", "train.decode_cache_mb=0"):
+        assert build_key("train", load_config(None, [override]), "t") == build_key("train", default, "t"), override
+    assert build_key("train", load_config(None, ["train.epochs=3"]), "t") != build_key("train", default, "t")

@@ -167,6 +167,41 @@ def test_an_epoch_key_gives_the_episode_of_that_epoch(pseudo_data):
     assert any(not torch.equal(keyed[(2, i)].query_img, keyed[(3, i)].query_img) for i in range(len(keyed)))
 
 
+def test_decoded_images_are_kept_across_epochs_within_the_budget_and_change_no_episode(pseudo_data, monkeypatch):
+    import pickle
+
+    import fss_core.data.episodes as episodes
+
+    index, paths, mask_dir, _ = pseudo_data
+    decoded = []
+    real_load = episodes.load_rgb
+    monkeypatch.setattr(episodes, "load_rgb", lambda path: decoded.append(path) or real_load(path))
+    kwargs = dict(shots=2, size=40, scale_range=(0.9, 1.1), rotate_degrees=10.0, seed=5)
+    uncached = PseudoEpisodeDataset(index, paths, mask_dir, decode_cache_mb=0, **kwargs)
+    cached = PseudoEpisodeDataset(index, paths, mask_dir, **kwargs)
+    for epoch in (0, 1, 2):
+        for i in range(len(cached)):
+            assert_same_episode(uncached[(epoch, i)], cached[(epoch, i)])
+    uses = 3 * len(cached) * 3  # 3 epochs x episodes x (query + 2 supports)
+    assert len(cached.decoded) == 8  # every image of an episode, img8 never
+    assert len(decoded) == uses + 8  # the uncached dataset decodes on every use, the cached one once per image
+    pair = cached.decoded.load(paths["img0"], mask_dir / "img0.png")
+    assert not pair[0].flags.writeable and not pair[1].flags.writeable  # a transform cannot corrupt it
+    assert cached.decoded.used_bytes == 8 * (SIZE * SIZE * 3 + SIZE * SIZE)
+
+    room_for_two = PseudoEpisodeDataset(index, paths, mask_dir, decode_cache_mb=2.5 * SIZE * SIZE * 4 / 2**20, **kwargs)
+    for i in range(len(room_for_two)):
+        assert_same_episode(room_for_two[(0, i)], cached[(0, i)])
+    assert len(room_for_two.decoded) == 2 and room_for_two.decoded.used_bytes <= room_for_two.decoded.budget_bytes
+
+    copy = pickle.loads(pickle.dumps(cached))  # what a loader worker receives
+    assert len(copy.decoded) == 0 and copy.decoded.used_bytes == 0
+    assert copy.decoded.budget_bytes == cached.decoded.budget_bytes
+    assert_same_episode(copy[(1, 0)], cached[(1, 0)])
+    with pytest.raises(ValueError, match="decode_cache_mb"):
+        PseudoEpisodeDataset(index, paths, mask_dir, decode_cache_mb=-1, **kwargs)
+
+
 @pytest.mark.parametrize(("n", "batch_size", "seed"), [(10, 3, 7), (13, 4, 0), (6, 1, 123), (5, 5, 2)])
 def test_epoch_batch_sampler_keeps_the_order_of_a_shuffling_dataloader(n, batch_size, seed):
     sampler = EpochBatchSampler(n, batch_size, seed)

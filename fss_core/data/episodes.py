@@ -202,24 +202,74 @@ def epoch_keyed(dataset: Dataset) -> Dataset:
     return dataset if getattr(dataset, "takes_epoch_keys", False) else EpochKeyed(dataset)
 
 
+DECODE_CACHE_MB = 256
+
+
+class DecodedSamples:
+    """Decoded ``(image, label)`` pairs kept in memory up to ``budget_bytes``, so that epochs after
+    the first skip JPEG and PNG decoding.
+
+    First come, first kept: once the budget is spent, further files are decoded on every use.
+    Episodes draw their images uniformly, so any choice of which to keep saves the same share.
+    Kept arrays are read-only. A copy made by pickling (a loader worker's) starts empty, so each
+    loading process fills its own cache and the budget holds per process.
+    """
+
+    def __init__(self, budget_bytes: int):
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        self.budget_bytes = int(budget_bytes)
+        self.used_bytes = 0
+        self._kept: dict[tuple[Path, Path], tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __getstate__(self) -> dict:
+        return {"budget_bytes": self.budget_bytes, "used_bytes": 0, "_kept": {}}
+
+    def load(self, image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """``(image uint8 [H, W, 3], label uint8 [H, W])``, decoded or kept from an earlier call."""
+        kept = self._kept.get((image_path, label_path))
+        if kept is not None:
+            return kept
+        image = load_rgb(image_path)
+        label = load_label(label_path)
+        if label.shape != image.shape[:2]:
+            raise ValueError(f"{label_path}: label is {label.shape[0]}x{label.shape[1]} but image "
+                             f"{image_path} is {image.shape[0]}x{image.shape[1]}")
+        size = image.nbytes + label.nbytes
+        if self.used_bytes + size <= self.budget_bytes:
+            image.flags.writeable = False
+            label.flags.writeable = False
+            self._kept[(image_path, label_path)] = (image, label)
+            self.used_bytes += size
+        return image, label
+
+
 class _EpisodeDataset(Dataset):
     """Seeding, transforms and sample loading shared by both episode datasets.
 
     ``dataset[(epoch, index)]`` is episode ``index`` of ``epoch``; ``dataset[index]`` the one of
-    the epoch last given to ``set_epoch`` (0 before). Subclasses draw in ``_draw``.
+    the epoch last given to ``set_epoch`` (0 before). Subclasses draw in ``_draw``. Decoded images
+    and labels are kept in memory up to ``decode_cache_mb`` per loading process
+    (:class:`DecodedSamples`; 0 decodes them on every use).
     """
 
     takes_epoch_keys = True
 
     def __init__(self, shots: int, size: int, scale_range: tuple[float, float], rotate_degrees: float,
-                 seed: int, train: bool):
+                 seed: int, train: bool, decode_cache_mb: float = DECODE_CACHE_MB):
         if shots < 1:
             raise ValueError(f"shots must be >= 1, got {shots}")
+        if decode_cache_mb < 0:
+            raise ValueError(f"decode_cache_mb must be >= 0, got {decode_cache_mb}")
         self.shots = shots
         self.seed = seed
         self.train = train
         self.epoch = 0
         self.transform = TrainTransform(size, scale_range, rotate_degrees) if train else EvalTransform(size)
+        self.decoded = DecodedSamples(int(decode_cache_mb * 2**20))
         self._warned: set[int] = set()
 
     def set_epoch(self, epoch: int) -> None:
@@ -237,11 +287,7 @@ class _EpisodeDataset(Dataset):
     def _sample(self, image_path: Path, label_path: Path, class_id: int,
                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Load, binarise and transform one image: ``(img [3,H,W], mask [H,W], padding [H,W], (H0, W0))``."""
-        image = load_rgb(image_path)
-        label = load_label(label_path)
-        if label.shape != image.shape[:2]:
-            raise ValueError(f"{label_path}: label is {label.shape[0]}x{label.shape[1]} but image "
-                             f"{image_path} is {image.shape[0]}x{image.shape[1]}")
+        image, label = self.decoded.load(image_path, label_path)
         binary = binary_label(label, class_id)
         out = self.transform(image, binary, rng) if self.train else self.transform(image, binary)
         return (*out, label.shape)
@@ -272,8 +318,9 @@ class PseudoEpisodeDataset(_EpisodeDataset):
 
     def __init__(self, index: PseudoTaskIndex, image_paths: Mapping[str, str | os.PathLike],
                  mask_dir: str | os.PathLike, shots: int = 1, size: int = 473,
-                 scale_range: tuple[float, float] = (0.9, 1.1), rotate_degrees: float = 10.0, seed: int = 0):
-        super().__init__(shots, size, scale_range, rotate_degrees, seed, train=True)
+                 scale_range: tuple[float, float] = (0.9, 1.1), rotate_degrees: float = 10.0, seed: int = 0,
+                 decode_cache_mb: float = DECODE_CACHE_MB):
+        super().__init__(shots, size, scale_range, rotate_degrees, seed, train=True, decode_cache_mb=decode_cache_mb)
         self.index = index
         self.mask_dir = Path(mask_dir)
         counts = np.bincount(index.occ_cluster.astype(np.int64), minlength=index.num_clusters)
@@ -333,8 +380,8 @@ class SupervisedEpisodeDataset(_EpisodeDataset):
     def __init__(self, records: Sequence[ImageRecord], classes: Sequence[int], shots: int = 1, size: int = 473,
                  min_area: int = 2048, area_reference: int | None = 473, image_ids: Sequence[str] | None = None,
                  scale_range: tuple[float, float] = (0.9, 1.1), rotate_degrees: float = 10.0, seed: int = 0,
-                 train: bool = True):
-        super().__init__(shots, size, scale_range, rotate_degrees, seed, train)
+                 train: bool = True, decode_cache_mb: float = DECODE_CACHE_MB):
+        super().__init__(shots, size, scale_range, rotate_degrees, seed, train, decode_cache_mb)
         classes = sorted({int(c) for c in classes})
         bad = [c for c in classes if not 0 < c < IGNORE_LABEL]
         if bad:
