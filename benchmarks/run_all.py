@@ -1,6 +1,6 @@
 """Run every benchmark, one after the other, each in its own process.
 
-    python benchmarks/run_all.py            # the measured tables of docs/benchmarks.md (about 45 minutes)
+    python benchmarks/run_all.py            # the measured tables of docs/benchmarks.md (about 50 minutes)
     python benchmarks/run_all.py --quick    # CI-sized smoke runs into build/benchmarks-quick.md (about 6 minutes)
     python benchmarks/run_all.py --only extract train
 
