@@ -138,8 +138,8 @@ class TrainConfig(_Section):
         0, ge=0, description="episode-loader processes, kept for the whole run; 0 = load in the training process "
                              "(on CPU, 1 is faster only with a core free for it: docs/benchmarks.md, training)")
     decode_cache_mb: int = Field(
-        256, ge=0, description="decoded images and labels each loading process keeps across epochs, in MiB; "
-                               "0 = decode on every use")
+        256, ge=0, description="decoded images and labels kept across epochs, in MiB per episode dataset "
+                               "(training, validation) and loading process; 0 = decode on every use")
 
 
 class EvaluateConfig(_Section):
