@@ -180,7 +180,7 @@ def main() -> None:
         "same ratio over first epochs alone, which pay the workers' start. *loader alone*: the second epoch "
         "of the trainer's DataLoader with no model; *decoding on every use*: the same with "
         "`train.decode_cache_mb: 0`, so every epoch decodes the JPEGs and label PNGs again (by default "
-        "each loading process keeps them decoded, up to 256 MiB).",
+        "each episode dataset keeps them decoded in each loading process, up to 256 MiB).",
         "",
         *table(["image", "hidden / ffn / heads", "batch", "episodes / epoch", "loader workers",
                 "in-memory step ms", "episode-loader step ms", "loader / in memory", f"target <= {TARGET}",
