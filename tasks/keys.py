@@ -29,9 +29,20 @@ UNKEYED: dict[str, frozenset[str]] = {
 }
 
 
+def class_split(stage: str, cfg: PipelineConfig) -> dict | None:
+    """How classes are split into folds, for the stages whose output depends on it: evaluation
+    (its novel classes), the comparison models' data and training on real labels (their base
+    classes). None for the others: pseudo-task training never reads a class id."""
+    labelled = stage in ("evaluate", "compare_data") or (stage == "train" and cfg.train.mode != "unsupervised")
+    return {"fold_scheme": cfg.data.fold_scheme, "num_classes": cfg.data.num_classes} if labelled else None
+
+
 def build_key(stage: str, cfg: PipelineConfig, *input_keys: str | None) -> str:
     """16 hex digits naming (stage, its config sections, its inputs' keys)."""
     sections = {s: getattr(cfg, s).model_dump(mode="json", exclude=set(UNKEYED.get(s, ())))
                 for s in STAGE_SECTIONS.get(stage, ())}
-    payload = json.dumps({"stage": stage, "sections": sections, "inputs": list(input_keys)}, sort_keys=True)
+    content = {"stage": stage, "sections": sections, "inputs": list(input_keys)}
+    if (split := class_split(stage, cfg)) is not None:
+        content["class_split"] = split
+    payload = json.dumps(content, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -142,6 +142,25 @@ def test_evaluation_episodes_do_not_move_with_pseudo_task_settings():
     assert build_key("evaluate", stricter, "m") != build_key("evaluate", default, "m")
 
 
+def test_a_new_class_split_is_evaluated_again_but_keeps_the_pseudo_trained_model():
+    """COCO's interleaved and consecutive splits give a fold other novel classes: switching
+    must not read back the other split's stored scores or real-label models. The unsupervised
+    model never sees a class id, so it stays reusable."""
+    from tasks.keys import build_key
+
+    interleaved = load_config(None, ["data.fold_scheme=coco"])
+    consecutive = load_config(None, ["data.fold_scheme=coco_consecutive"])
+    generic_80 = load_config(None, ["data.num_classes=80"])
+    generic_40 = load_config(None, ["data.num_classes=40"])
+    for a, b in ((interleaved, consecutive), (generic_80, generic_40), (interleaved, generic_80)):
+        assert build_key("evaluate", a, "m") != build_key("evaluate", b, "m")
+        assert build_key("compare_data", a, "d") != build_key("compare_data", b, "d")
+        assert build_key("train", a, "t") == build_key("train", b, "t")  # unsupervised
+    supervised = ["train.mode=supervised"]
+    assert (build_key("train", load_config(None, ["data.fold_scheme=coco", *supervised]), "t")
+            != build_key("train", load_config(None, ["data.fold_scheme=coco_consecutive", *supervised]), "t"))
+
+
 def test_loading_settings_leave_the_trained_model_reusable():
     """How episodes are loaded (loader processes, decoded-image memory) changes no weight, so
     changing it must reuse the stored model; a setting that shapes the model must not."""
