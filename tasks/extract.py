@@ -64,6 +64,11 @@ class ExtractPlan:
     total: int
 
 
+# The projection's sample and its randomized SVD are seeded by a constant, not by a setting of a later
+# stage: the store's build key (extract settings, backbone weights) then names its content.
+PCA_SEED = 0
+
+
 def device_for(cfg: PipelineConfig) -> str:
     wanted = cfg.train.device
     if wanted == "auto":
@@ -129,8 +134,8 @@ def prepare_extraction(cfg: PipelineConfig, parent_run_id: str | None = None) ->
     root = source_root(cfg)
     if e.pca_dim and load_projection(group) is None:
         sample = [root / by_id[i].path for i in ordered[: min(len(ordered), 256)]]
-        vectors = sample_valid_vectors(sample, backbone, e.long_side, e.batch_size, 200_000, seed=cfg.cluster.seed)
-        save_projection(group, fit_projection(vectors, e.pca_dim, seed=cfg.cluster.seed))
+        vectors = sample_valid_vectors(sample, backbone, e.long_side, e.batch_size, 200_000, seed=PCA_SEED)
+        save_projection(group, fit_projection(vectors, e.pca_dim, seed=PCA_SEED))
     todo = np.flatnonzero(~np.asarray(group["done"][:])).tolist()
     blocks, paths = [], []
     for run in task_runs(todo, e.shard_size, cfg.runtime.n_workers * cfg.runtime.threads_per_worker, e.batch_size):

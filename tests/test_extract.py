@@ -351,3 +351,31 @@ def test_a_shards_flush_never_holds_up_the_next_batch_but_batches_stay_bounded()
         release.set()
         pool.shutdown(wait=True)
     assert ran == ["batch 0", "batch 1", "flush", "small arrays", "batch 2"]
+
+
+def test_the_stores_projection_depends_on_the_extract_settings_and_images_only(tmp_path):
+    """The embeddings store's build key names its content, so its PCA projection must not
+    follow a setting of another stage: two workspaces that differ only in ``cluster.seed``
+    store the same projection."""
+    from fss_core.config import load_config
+    from tasks.extract import prepare_extraction
+    from tasks.ingest import run_ingest
+
+    src = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        save_rgb(src / f"im{i}.png", rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    weights = tmp_path / "small_cnn.pth"
+    torch.save(build_backbone("small_cnn").state_dict(), weights)
+    projections = []
+    for seed in (1, 2):
+        ws = tmp_path / f"ws{seed}"
+        cfg = load_config(None, [f"runtime.workspace={ws}", f"data.source={src}", "data.layout=folder",
+                                 f"extract.checkpoint={weights}", "extract.pca_dim=4", "extract.long_side=64",
+                                 f"cluster.seed={seed}"])
+        run_ingest(cfg)
+        plan = prepare_extraction(cfg)
+        projections.append(load_projection(open_store(ws / "embeddings.zarr", EMBEDDINGS)))
+        assert plan.total == 6
+    np.testing.assert_array_equal(projections[0].components, projections[1].components)
+    np.testing.assert_array_equal(projections[0].mean, projections[1].mean)
