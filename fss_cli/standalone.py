@@ -14,8 +14,9 @@ from fss_core.evaluation.protocol import ModelPredictor, default_episodes, run_p
 from fss_core.models.backbones import build_backbone
 from fss_core.models.fss.bundle import load_bundle
 from tasks.evaluate import EvalRow, comparison_table, episode_min_area
-from tasks.extract import device_for
+from tasks.extract import BackboneRef, device_for, small_cnn_checkpoint
 from tasks.pseudo import dataset_num_classes
+from tasks.train import fss_backbone
 from tasks.workspace import source_root
 
 
@@ -23,6 +24,29 @@ def predictions_folder(root: Path, fold: int, shots: int) -> Path:
     """Where ``--save-predictions DIR`` puts one fold and shot count's predictions; the protocol
     adds ``seed{n}/{episode:05d}.png`` below it."""
     return root / f"fold{fold}" / f"{shots}shot"
+
+
+def baseline_backbone(cfg: PipelineConfig) -> tuple[str, str]:
+    """The baseline's frozen backbone and its weights, as the pipeline's evaluation picks them:
+    ``train.backbone`` if set, else the extraction backbone (``extract.checkpoint``, or the
+    small CNN the workspace pretrained on its images). Never random weights."""
+    e = cfg.extract
+    if cfg.train.backbone is None and e.checkpoint is None:
+        path = small_cnn_checkpoint(cfg)
+        if e.backbone != "small_cnn" or not path.is_file():
+            raise SystemExit(
+                f"the baseline needs trained backbone weights: no extract.checkpoint is set and the workspace "
+                f"{cfg.runtime.workspace} holds no pretrained small CNN ({path}). Run `fss extract` on this "
+                f"workspace first, or set extract.checkpoint (or train.backbone and "
+                f"train.backbone_checkpoint)")
+        extraction = BackboneRef("small_cnn", str(path), None)
+    else:
+        extraction = BackboneRef(e.backbone, str(e.checkpoint) if e.checkpoint else None, None)
+    try:
+        name, checkpoint = fss_backbone(cfg, extraction)
+    except ValueError as err:  # train.backbone without its checkpoint
+        raise SystemExit(str(err)) from None
+    return name, str(checkpoint)
 
 
 def evaluate_standalone(cfg: PipelineConfig, bundle: Path | None, out: Path, predictions: Path | None,
@@ -38,7 +62,7 @@ def evaluate_standalone(cfg: PipelineConfig, bundle: Path | None, out: Path, pre
         model, spec = load_bundle(bundle)
         predictor, method, size = ModelPredictor(model, device), "model", spec.image_size
     else:
-        backbone = build_backbone(cfg.extract.backbone, checkpoint=cfg.extract.checkpoint)
+        backbone = build_backbone(*baseline_backbone(cfg))
         backbone.freeze()
         predictor = PrototypeBaseline(backbone, threshold=cfg.evaluate.baseline_threshold, device=device)
         method, size = "baseline", cfg.train.image_size

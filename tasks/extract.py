@@ -76,6 +76,12 @@ def device_for(cfg: PipelineConfig) -> str:
     return wanted
 
 
+def small_cnn_checkpoint(cfg: PipelineConfig) -> Path:
+    """Where the workspace keeps the small CNN pretrained on its images with ``extract.ssl``."""
+    key = hashlib.sha256(cfg.extract.ssl.model_dump_json().encode()).hexdigest()[:16]
+    return workspace_of(cfg).backbone_dir / f"small_cnn-{key}" / "small_cnn.pth"
+
+
 def resolve_backbone(cfg: PipelineConfig, rows: list[ManifestRow], parent_run_id: str | None = None) -> BackboneRef:
     """The configured checkpoint, or the workspace's self-supervised small CNN (trained once)."""
     e = cfg.extract
@@ -87,14 +93,12 @@ def resolve_backbone(cfg: PipelineConfig, rows: list[ManifestRow], parent_run_id
     if e.backbone != "small_cnn":
         raise ValueError(f"extract.backbone={e.backbone} needs extract.checkpoint (weights cannot be downloaded); "
                          "or use backbone small_cnn, which is pretrained on your own images")
-    ws = workspace_of(cfg)
-    key = hashlib.sha256(e.ssl.model_dump_json().encode()).hexdigest()[:16]
-    folder = ws.backbone_dir / f"small_cnn-{key}"
-    path = folder / "small_cnn.pth"
+    path = small_cnn_checkpoint(cfg)
+    folder = path.parent
     if not path.is_file():
         root = source_root(cfg)
         images = [root / r.path for r in rows]
-        with stage_run(cfg, "ssl_pretrain", parent_run_id, key):
+        with stage_run(cfg, "ssl_pretrain", parent_run_id, folder.name.removeprefix("small_cnn-")):
             _, report = pretrain_small_cnn(images, image_size=e.ssl.image_size, epochs=e.ssl.epochs,
                                            batch_size=e.ssl.batch_size, seed=e.ssl.seed, device=device_for(cfg),
                                            progress=cfg.runtime.progress, checkpoint_dir=folder)

@@ -24,6 +24,7 @@ from fss_core.evaluation.protocol import (
     run_protocol,
     write_episodes,
 )
+from fss_core.models.backbones import build_backbone
 
 NOVEL = (1, 2)
 MIN_AREA = 30
@@ -270,7 +271,10 @@ def test_cli_save_predictions_dir_reproduces_every_metrics_json(tmp_path):
     root = tmp_path / "data"
     synthesize(root, seed=0, classes=4, images=40, size=64)
     out, predictions = tmp_path / "out", tmp_path / "predictions"
+    weights = tmp_path / "small_cnn.pth"
+    torch.save(build_backbone("small_cnn").state_dict(), weights)
     sets = [f"data.source={root}", "data.layout=voc", "data.num_classes=4", "train.image_size=65",
+            f"extract.checkpoint={weights}", f"runtime.workspace={tmp_path / 'ws'}",
             "evaluate.folds=[0, 1]", "evaluate.shots=[1, 2]", "evaluate.seeds=[0, 1]", "evaluate.episodes=4",
             "runtime.progress=false"]
     args = ["evaluate", "--baseline", "--out", str(out), "--save-predictions", str(predictions)]
@@ -290,6 +294,44 @@ def test_cli_save_predictions_dir_reproduces_every_metrics_json(tmp_path):
                 assert per_seed["miou"] == pytest.approx(expected["miou"])
                 assert per_seed["fbiou"] == pytest.approx(expected["fbiou"])
             assert written["miou"] == pytest.approx(np.mean([r["miou"] for r in written["seeds"]]))
+
+
+def test_standalone_baseline_uses_the_pipelines_backbone_and_refuses_random_weights(tmp_path, monkeypatch):
+    """`fss evaluate --baseline` scores the baseline the pipeline's table shows: the workspace's
+    pretrained small CNN (or the configured checkpoint), and with no trained weights anywhere
+    it stops with a message naming what to do, rather than score random features."""
+    from typer.testing import CliRunner
+
+    import fss_cli.standalone as standalone
+    from fss_cli.main import app
+    from fss_core.config import load_config
+    from fss_core.data.synthetic import synthesize
+    from tasks.extract import small_cnn_checkpoint
+
+    root = tmp_path / "data"
+    synthesize(root, seed=0, classes=4, images=24, size=64)
+    sets = [f"data.source={root}", "data.layout=voc", "data.num_classes=4", "train.image_size=65",
+            "evaluate.folds=[0]", "evaluate.shots=[1]", "evaluate.seeds=[0]", "evaluate.episodes=2",
+            "runtime.progress=false", f"runtime.workspace={tmp_path / 'ws'}"]
+    args = ["evaluate", "--baseline", "--out", str(tmp_path / "out"), *[x for s in sets for x in ("--set", s)]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0
+    assert "fss extract" in result.output and "extract.checkpoint" in result.output
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+    pretrained = small_cnn_checkpoint(load_config(None, sets))
+    pretrained.parent.mkdir(parents=True)
+    torch.save(build_backbone("small_cnn").state_dict(), pretrained)
+    built = []
+    real = standalone.build_backbone
+    monkeypatch.setattr(standalone, "build_backbone", lambda name, checkpoint: built.append((name, checkpoint))
+                        or real(name, checkpoint=checkpoint))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert built == [("small_cnn", str(pretrained))]
+
+    result = CliRunner().invoke(app, [*args, "--set", "train.backbone=resnet50_v2"])
+    assert result.exit_code != 0 and "train.backbone_checkpoint" in result.output
 
 
 def test_cli_save_predictions_needs_a_bundle_or_the_baseline(tmp_path):
