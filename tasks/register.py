@@ -20,13 +20,26 @@ log = logging.getLogger(__name__)
 RECORD = "registered.json"
 
 
-def model_score(trained: TrainOutcome, evaluation: EvaluationSummary | None) -> dict[str, float]:
-    """What ranks models: mean novel-class 1-shot mIoU over folds; without labelled val images,
-    the held-out pseudo-episode score that selected the checkpoint."""
-    if evaluation is not None and evaluation.rows:
-        metrics = {"miou_1shot": evaluation.mean(trained.mode, 1), "baseline_miou_1shot": evaluation.mean("baseline", 1)}
-        return {k: v for k, v in metrics.items() if not math.isnan(v)}
-    return {"miou_1shot": float(trained.best_score or 0.0)}
+def model_score(trained: TrainOutcome, evaluation: EvaluationSummary | None) -> tuple[dict[str, float], str | None]:
+    """What ranks models, and under which key: the mean novel-class mIoU over folds at the
+    fewest evaluated shots (``miou_1shot`` by default); without labelled val images, the
+    validation score that selected the checkpoint (``val_score``: held-out pseudo episodes for
+    an unsupervised model); with neither, no score (key None). The metrics also carry the
+    other shot counts and the baseline's figures, for the register run."""
+    metrics: dict[str, float] = {}
+    key = None
+    if evaluation is not None:
+        for shots in sorted({r.shots for r in evaluation.rows}):
+            for name, method in (("miou", trained.mode), ("baseline_miou", "baseline")):
+                value = evaluation.mean(method, shots)
+                if not math.isnan(value):
+                    metrics[f"{name}_{shots}shot"] = value
+                    if key is None and name == "miou":
+                        key = f"miou_{shots}shot"
+    if key is None and trained.best_score is not None and math.isfinite(trained.best_score):
+        metrics["val_score"] = float(trained.best_score)
+        key = "val_score"
+    return metrics, key
 
 
 def run_register(cfg: PipelineConfig, trained: TrainOutcome, evaluation: EvaluationSummary | None,
@@ -35,7 +48,11 @@ def run_register(cfg: PipelineConfig, trained: TrainOutcome, evaluation: Evaluat
     record = Path(trained.bundle) / RECORD
     if record.is_file():
         return RegisteredVersion(**json.loads(record.read_text()))
-    version = register_model(cfg, trained.bundle, model_score(trained, evaluation), parent_run_id)
+    metrics, score_key = model_score(trained, evaluation)
+    if score_key is None:
+        log.warning("register: no score for %s (no labelled val images and no validation episodes); "
+                    "it is registered unscored", trained.bundle)
+    version = register_model(cfg, trained.bundle, metrics, parent_run_id, score_key=score_key)
     atomic_write_text(record, json.dumps(asdict(version)))
     return version
 

@@ -40,7 +40,7 @@ class RegisteredVersion:
     name: str
     version: int
     model_uri: str
-    score: float
+    score: float | None  # None: registered without a score
     is_champion: bool
 
 
@@ -66,35 +66,49 @@ def register_model(
     bundle_dir: str | os.PathLike,
     metrics: dict[str, float],
     parent_run_id: str | None = None,
-    score_key: str = "miou_1shot",
+    score_key: str | None = "miou_1shot",
 ) -> RegisteredVersion:
     """Log ``bundle_dir`` as a pyfunc model in a ``register`` stage run and register it.
 
-    The new version gets the alias ``candidate``, and ``champion`` too when there is no scored
-    champion yet or ``metrics[score_key]`` is strictly higher than the champion's score.
+    The new version gets the alias ``candidate``. It also becomes ``champion`` when there is
+    no champion yet, when the champion has no score, or when ``metrics[score_key]`` is strictly
+    higher than the champion's score under the same key. Scores under different keys (1-shot
+    against 5-shot mIoU, or a pseudo-episode score) do not rank each other: the champion then
+    stays, and the log says why. ``score_key=None`` registers an unscored version, which becomes
+    champion only where there is none.
     """
-    if score_key not in metrics:
-        raise KeyError(f"metrics lack the score {score_key!r} that ranks models; got {sorted(metrics)}")
-    score = float(metrics[score_key])
-    if not math.isfinite(score):
-        raise ValueError(f"metrics[{score_key!r}] must be a finite number to rank models, got {score}")
+    score = None
+    if score_key is not None:
+        if score_key not in metrics:
+            raise KeyError(f"metrics lack the score {score_key!r} that ranks models; got {sorted(metrics)}")
+        score = float(metrics[score_key])
+        if not math.isfinite(score):
+            raise ValueError(f"metrics[{score_key!r}] must be a finite number to rank models, got {score}")
     name = registered_model_name(cfg)
     with stage_run(cfg, "register", parent_run_id):
         mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
         info = log_fss_model(bundle_dir)
-        version = mlflow.register_model(info.model_uri, name, tags={SCORE_TAG: str(score), SCORE_KEY_TAG: score_key})
+        tags = {SCORE_TAG: str(score), SCORE_KEY_TAG: score_key} if score_key is not None else {}
+        version = mlflow.register_model(info.model_uri, name, tags=tags)
         client = MlflowClient()
         client.set_registered_model_alias(name, CANDIDATE, version.version)
         champion = _champion_version(client, name)
         best = _score_of(champion) if champion is not None else None
-        is_champion = best is None or score > best
+        best_key = champion.tags.get(SCORE_KEY_TAG) if champion is not None else None
+        comparable = best is not None and score is not None and best_key == score_key
+        is_champion = champion is None or best is None or (comparable and score > best)
         if is_champion:
             client.set_registered_model_alias(name, CHAMPION, version.version)
         mlflow.set_tags({"fss.registered_model": name, "fss.registered_version": version.version,
                          "fss.champion": str(is_champion).lower()})
-    log.info("registered %s version %s (%s = %.4f; champion's was %s): %s", name, version.version, score_key,
-             score, "none" if best is None else f"{best:.4f}",
-             "new champion" if is_champion else "champion unchanged")
+    if champion is not None and best is not None and not comparable:
+        log.warning("registered %s version %s (%s) without ranking it: the champion (version %s) is scored by "
+                    "%s = %.4f; move the alias by hand if the new version should serve", name, version.version,
+                    "unscored" if score is None else f"{score_key} = {score:.4f}", champion.version, best_key, best)
+    else:
+        log.info("registered %s version %s (%s; champion's was %s): %s", name, version.version,
+                 "unscored" if score is None else f"{score_key} = {score:.4f}",
+                 "none" if best is None else f"{best:.4f}", "new champion" if is_champion else "champion unchanged")
     return RegisteredVersion(name, int(version.version), f"models:/{name}/{version.version}", score, is_champion)
 
 

@@ -6,6 +6,7 @@ Model selection never looks at the test fold's novel classes: held-out pseudo ep
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +28,10 @@ from tasks.ingest import labelled_rows, training_rows
 from tasks.keys import build_key
 from tasks.pseudo import dataset_num_classes
 from tasks.tracking import flatten, stage_run
-from tasks.workspace import source_root, workspace_of
+from tasks.workspace import atomic_write_text, source_root, workspace_of
 
 log = logging.getLogger(__name__)
+TRAINING_RECORD = "training.json"  # in the bundle folder: what selected its weights, for a cached re-run
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,10 @@ def run_train(cfg: PipelineConfig, upstream_key: str, extraction: BackboneRef, p
     bundle_dir = ws.models / f"{t.mode}-{key}"
     if (bundle_dir / "model.json").is_file():
         log.info("train: unchanged (build key %s), skipped", key)
-        return TrainOutcome(key, t.mode, str(bundle_dir), None, None, None, cached=True)
+        record = bundle_dir / TRAINING_RECORD
+        known = json.loads(record.read_text()) if record.is_file() else {}
+        return TrainOutcome(key, t.mode, str(bundle_dir), known.get("best_epoch"), known.get("best_score"),
+                            known.get("final_train_loss"), cached=True)
     name, ckpt = fss_backbone(cfg, extraction)
     spec = model_spec(cfg, name)
     torch.manual_seed(t.seed)  # the same settings give the same initial weights in any process (exact reruns)
@@ -152,11 +157,19 @@ def run_train(cfg: PipelineConfig, upstream_key: str, extraction: BackboneRef, p
         )
         result = train(model, train_set, val_set, settings, callbacks, progress=cfg.runtime.progress)
         load_model_weights(result.best_path or result.final_path, model)  # the selected epoch
+        final_loss = result.history[-1].get("train_loss") if result.history else None
+        bundle_dir.mkdir(parents=True, exist_ok=True)  # the record first: model.json completes the bundle
+        atomic_write_text(bundle_dir / TRAINING_RECORD, json.dumps(
+            {"best_epoch": result.best_epoch, "best_score": _number(result.best_score),
+             "final_train_loss": _number(final_loss)}))
         save_bundle(bundle_dir, model.cpu(), spec)
         mlflow.log_artifacts(str(bundle_dir), "bundle")
-    final_loss = result.history[-1].get("train_loss") if result.history else None
     log.info("train (%s): best epoch %s, validation score %s", t.mode, result.best_epoch, result.best_score)
     return TrainOutcome(key, t.mode, str(bundle_dir), result.best_epoch, result.best_score, final_loss, cached=False)
+
+
+def _number(value) -> float | None:
+    return None if value is None else float(value)
 
 
 @task(name="train")

@@ -73,6 +73,23 @@ def test_unchanged_rerun_recomputes_nothing(workspace):
     assert r["ingest"].added == 0 and r["extracted"] == 0 and r["evaluated_results"] == 0
     assert r["cluster"].cached and r["task_index"].cached and r["train"].cached and r["evaluate"].cached
     assert (_mtime(workspace / "embeddings.zarr"), _mtime(workspace / "pseudo_masks")) == before
+    # The cached model still knows the validation score that chose its weights (what ranks a model
+    # registered without labelled val images): the best val_miou its training run logged.
+    assert r["train"].best_score == pytest.approx(max(_train_metric(workspace, "val_miou")))
+    assert r["train"].best_epoch is not None
+
+
+def _train_metric(workspace, key: str) -> list[float]:
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import experiment_name, tracking_uri
+
+    cfg = load_config(None, [f"runtime.workspace={workspace}", *TINY])
+    client = MlflowClient(tracking_uri(cfg))
+    runs = client.search_runs([client.get_experiment_by_name(experiment_name(cfg)).experiment_id],
+                              "tags.`fss.stage` = 'train'")
+    assert len(runs) == 1
+    return [m.value for m in client.get_metric_history(runs[0].info.run_id, key)]
 
 
 def test_changed_cluster_setting_reruns_cluster_and_later_stages_only(workspace):

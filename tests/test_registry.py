@@ -187,3 +187,46 @@ def test_champion_moves_only_to_a_better_model(workspace, tmp_path):
 
     with pytest.raises(KeyError, match="miou_1shot"):
         register_model(cfg, bundles[0], {"loss": 0.1})
+
+
+def test_the_score_that_ranks_a_model_is_the_one_its_run_measured():
+    """The fewest evaluated shots rank models (not a 1-shot figure that was never measured);
+    without labelled val images, the validation score that chose the weights, named as such;
+    with neither, no score at all rather than a made-up 0."""
+    from tasks.evaluate import EvalRow, EvaluationSummary
+    from tasks.register import model_score
+    from tasks.train import TrainOutcome
+
+    def summary(shots: tuple[int, ...]) -> EvaluationSummary:
+        rows = [EvalRow(m, f, s, v + f / 100, 0.0, 0.5, 0.0) for s in shots for f in (0, 1)
+                for m, v in (("unsupervised", 0.4 + s / 10), ("baseline", 0.3))]
+        return EvaluationSummary("k", rows, "", False)
+
+    trained = TrainOutcome("t", "unsupervised", "b", 3, 0.27, 0.5, cached=True)
+    metrics, key = model_score(trained, summary((1, 5)))
+    assert key == "miou_1shot" and metrics[key] == pytest.approx(0.505)
+    assert metrics["miou_5shot"] == pytest.approx(0.905) and metrics["baseline_miou_1shot"] == pytest.approx(0.305)
+    metrics, key = model_score(trained, summary((5,)))
+    assert key == "miou_5shot" and "miou_1shot" not in metrics
+    assert model_score(trained, None) == ({"val_score": 0.27}, "val_score")
+    assert model_score(trained, EvaluationSummary("k", [], "", False)) == ({"val_score": 0.27}, "val_score")
+    unvalidated = TrainOutcome("t", "unsupervised", "b", None, None, 0.5, cached=False)
+    assert model_score(unvalidated, None) == ({}, None)
+
+
+def test_scores_under_different_keys_never_rank_each_other(workspace, tmp_path):
+    cfg = load_config(None, [f"runtime.workspace={workspace}", "runtime.experiment=fss-registry-keys"])
+    name = registered_model_name(cfg)
+    bundles = [tiny_bundle(tmp_path / f"b{i}", seed=20 + i) for i in range(4)]
+    client = MlflowClient()
+    with pipeline_run(cfg, run_name="registry-keys") as parent:
+        unscored = register_model(cfg, bundles[0], {}, parent.info.run_id, score_key=None)
+        assert unscored.is_champion and unscored.score is None  # nothing better to serve
+        first = register_model(cfg, bundles[1], {"miou_5shot": 0.3}, parent.info.run_id, score_key="miou_5shot")
+        assert first.is_champion  # a scored version replaces an unscored champion
+        pseudo = register_model(cfg, bundles[2], {"val_score": 0.9}, parent.info.run_id, score_key="val_score")
+        one_shot = register_model(cfg, bundles[3], {"miou_1shot": 0.8}, parent.info.run_id)
+    assert not pseudo.is_champion and not one_shot.is_champion  # higher numbers, other measures
+    assert int(client.get_model_version_by_alias(name, "champion").version) == first.version
+    assert int(client.get_model_version_by_alias(name, "candidate").version) == one_shot.version
+    assert client.get_model_version(name, str(pseudo.version)).tags["fss.score_key"] == "val_score"
