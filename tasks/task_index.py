@@ -38,6 +38,12 @@ class TaskIndexResult:
     cached: bool
 
 
+# How a pseudo-class's prototype is read off the embedding cells; part of the key, so that an
+# index built by an earlier placement (which stretched the image over cells reaching into the
+# canvas padding, at strides above 8) is rebuilt.
+PROTOTYPE_PLACEMENT = "prototypes-on-canvas-cells"
+
+
 def _summary(index: PseudoTaskIndex, key: str, cached: bool) -> TaskIndexResult:
     return TaskIndexResult(key, index.num_occurrences, int(len(np.unique(index.occ_image))),
                            int(len(np.unique(index.occ_cluster))), cached)
@@ -47,7 +53,7 @@ def run_task_index(cfg: PipelineConfig, pseudo_key: str, image_ids: list[str],
                    parent_run_id: str | None = None) -> TaskIndexResult:
     """Build tasks.zarr from the pseudo masks of ``image_ids``; keyed by the masks and settings."""
     ws = workspace_of(cfg)
-    key = build_key("task_index", cfg, pseudo_key, *sorted(image_ids))
+    key = build_key("task_index", cfg, pseudo_key, PROTOTYPE_PLACEMENT, *sorted(image_ids))
     try:
         if open_store(ws.tasks, TASKS).attrs.get("build_key") == key:
             log.info("task index: unchanged (build key %s), skipped", key)

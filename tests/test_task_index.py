@@ -7,6 +7,7 @@ import pytest
 import zarr
 
 from fss_core.data.images import save_label
+from fss_core.geometry import PadGeometry, pad_geometry
 from fss_core.pseudo.task_index import (
     PseudoTaskIndex,
     build_task_index,
@@ -56,22 +57,127 @@ def test_min_area_scales_with_image_area():
 # --- prototypes -------------------------------------------------------------------------------
 
 def brute_force_mean(features: np.ndarray, mask: np.ndarray, cluster: int) -> np.ndarray:
-    """Supersample both to a common grid (H·r × W·c) where every cell and pixel is whole."""
+    """Masked mean when the cells tile the image evenly (stride 8: ``r·8 = new_h`` always).
+
+    Supersample both to a common grid (H·r × W·c) where every cell and pixel is whole.
+    """
     (_, r, c), (h, w) = features.shape, mask.shape
     fine_mask = np.repeat(np.repeat(mask == cluster, r, axis=0), c, axis=1)
     fine_feat = np.repeat(np.repeat(features.astype(np.float64), h, axis=1), w, axis=2)
     return fine_feat[:, fine_mask].mean(axis=1)
 
 
-@pytest.mark.parametrize("hw, rc", [((40, 60), (4, 6)), ((35, 50), (4, 6)), ((23, 31), (5, 3))])
-def test_prototype_is_the_masked_mean_of_features_over_the_region(hw, rc):
+def canvas_counts(pixels: int, new: int, cells: int, stride: int) -> np.ndarray:
+    """``[pixels, cells]`` integers: overlap of each original pixel with each cell on the canvas.
+
+    Counted on a grid of 1/``pixels`` canvas rows: pixel ``y`` covers fine steps
+    ``[y·new, (y+1)·new)`` (canvas rows ``[y, y+1)·new/pixels``) and cell ``i`` covers
+    ``[i·stride·pixels, (i+1)·stride·pixels)``; steps past the last cell count to it.
+    """
+    fine = np.arange(new * pixels)
+    counts = np.zeros((pixels, cells), dtype=np.int64)
+    np.add.at(counts, (fine // new, np.minimum(fine // (stride * pixels), cells - 1)), 1)
+    return counts
+
+
+def canvas_brute_force_mean(features: np.ndarray, mask: np.ndarray, cluster: int, stride: int,
+                            long_side: int) -> np.ndarray:
+    """Masked mean over the region placed on the canvas, each cell weighted by its exact overlap."""
+    (_, r, c), (h, w) = features.shape, mask.shape
+    geometry = pad_geometry(h, w, long_side)
+    rows = canvas_counts(h, geometry.new_h, r, stride)
+    cols = canvas_counts(w, geometry.new_w, c, stride)
+    weights = rows.T @ (mask == cluster).astype(np.int64) @ cols  # [r, c]
+    return np.einsum("kij,ij->k", features.astype(np.float64), weights) / weights.sum()
+
+
+def cells_of(h: int, w: int, stride: int, long_side: int) -> tuple[int, int]:
+    return pad_geometry(h, w, long_side).valid_cells(stride)
+
+
+@pytest.mark.parametrize("hw, long_side", [((40, 60), 48), ((35, 50), 48), ((23, 31), 40), ((48, 64), 64)])
+def test_prototype_at_stride_8_is_the_masked_mean_over_evenly_spread_cells(hw, long_side):
+    # stride 8 on sides floored to a multiple of 8: the cells tile the image exactly (unchanged by the fix)
     rng = np.random.default_rng(0)
-    features = rng.standard_normal((C, *rc)).astype(np.float32)
+    features = rng.standard_normal((C, *cells_of(*hw, 8, long_side))).astype(np.float32)
     mask = rng.integers(0, 3, size=hw).astype(np.uint8)
     mask[: hw[0] // 2, : hw[1] // 2] = 1
-    got = masked_mean_prototypes(features, mask, [0, 1, 2])
+    got = masked_mean_prototypes(features, mask, [0, 1, 2], stride=8, long_side=long_side)
     for i, cluster in enumerate([0, 1, 2]):
         np.testing.assert_allclose(got[i], brute_force_mean(features, mask, cluster), rtol=1e-5, atol=1e-6)
+
+
+def test_prototype_weights_exactly_the_canvas_cells_the_region_occupies_at_stride_32():
+    # 200x472 at long side 473: pasted unscaled (new 200x472), 7x15 cells of 32 px. The last
+    # cell row covers canvas rows 192..223, of which only 192..199 are image; the last cell
+    # column covers 448..479, of which 448..471 are image.
+    h, w = 200, 472
+    assert pad_geometry(h, w, 473) == PadGeometry(h, w, 200, 472, 473)
+    features = np.random.default_rng(3).standard_normal((C, 7, 15)).astype(np.float32)
+    mask = np.zeros((h, w), dtype=np.uint8)
+    mask[150:171, 440:472] = 1  # rows 150..170, columns 440..471
+    # rows: 150..159 in cell 4 (10 rows), 160..170 in cell 5 (11); columns: 440..447 in cell 13 (8),
+    # 448..471 in cell 14 (24)
+    weights = {(4, 13): 10 * 8, (4, 14): 10 * 24, (5, 13): 11 * 8, (5, 14): 11 * 24}
+    expected = sum(n * features[:, i, j].astype(np.float64) for (i, j), n in weights.items()) / (21 * 32)
+    got = masked_mean_prototypes(features, mask, [1], stride=32, long_side=473)
+    np.testing.assert_allclose(got[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_prototype_of_the_audit_case_places_rows_where_the_image_puts_them():
+    # the audit's check: a 200x473 image at stride 32 (7x15 cells), region on rows 150..170;
+    # with feature = cell row, the prototype is the region's mean cell row (10·4 + 11·5) / 21
+    h, w = 200, 473
+    r, c = cells_of(h, w, 32, 473)
+    assert (r, c) == (7, 15)
+    features = np.broadcast_to(np.arange(r, dtype=np.float32)[None, :, None], (1, r, c)).copy()
+    mask = np.zeros((h, w), dtype=np.uint8)
+    mask[150:171] = 1
+    got = masked_mean_prototypes(features, mask, [1], stride=32, long_side=473)
+    assert got[0, 0] == pytest.approx(95 / 21, rel=1e-6)  # 4.524, not the 5.0 of cells stretched over the image
+
+
+@pytest.mark.parametrize("hw, stride, long_side", [
+    ((200, 473), 32, 473),  # resnet50 / moco_v2
+    ((473, 300), 32, 473),
+    ((23, 31), 16, 40),  # new 24x40 under 2x3 cells of 16: both last rows/columns part padding
+    ((333, 500), 16, 473),  # dino_vits16 on a 473 canvas
+    ((50, 101), 32, 100),  # new 48x96: the last cell row is half padding
+])
+def test_prototype_is_the_overlap_weighted_mean_of_canvas_cells(hw, stride, long_side):
+    rng = np.random.default_rng(1)
+    features = rng.standard_normal((C, *cells_of(*hw, stride, long_side))).astype(np.float32)
+    mask = rng.integers(0, 3, size=hw).astype(np.uint8)
+    mask[hw[0] // 3:, hw[1] // 2:] = 1
+    got = masked_mean_prototypes(features, mask, [0, 1, 2], stride=stride, long_side=long_side)
+    for i, cluster in enumerate([0, 1, 2]):
+        np.testing.assert_allclose(got[i], canvas_brute_force_mean(features, mask, cluster, stride, long_side),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_a_floored_patch_grid_gives_the_uncovered_image_edge_to_the_last_cell():
+    # 333x500 at 473, patch 16: the image is 312x472 on the canvas, but a ViT sees only
+    # floor(473/16) = 29 patch columns (canvas 0..463); columns past 463 belong to patch 28
+    h, w = 333, 500
+    assert cells_of(h, w, 16, 473) == (20, 30)
+    features = np.random.default_rng(4).standard_normal((C, 20, 29)).astype(np.float32)
+    mask = np.zeros((h, w), dtype=np.uint8)
+    mask[:, 495:] = 1  # canvas columns ≥ 467.4: no patch of their own
+    mask[100:110, :495] = 2  # the rest of the width, ending in the uncovered strip too
+    got = masked_mean_prototypes(features, mask, [1, 2], stride=16, long_side=473)
+    expected = canvas_brute_force_mean(features, mask, 1, 16, 473)
+    np.testing.assert_allclose(got[0], expected, rtol=1e-5, atol=1e-6)
+    # every cell row of patch column 28 in proportion to its image rows: 16 each, 8 in the last (304..311)
+    row_weights = [16] * 19 + [8]
+    np.testing.assert_allclose(got[0], np.average(features[:, :, 28], axis=1, weights=row_weights),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1], canvas_brute_force_mean(features, mask, 2, 16, 473), rtol=1e-5, atol=1e-6)
+
+
+def test_prototype_refuses_cells_that_do_not_fit_the_geometry():
+    mask = np.zeros((200, 473), dtype=np.uint8)
+    with pytest.raises(ValueError, match="stride 16"):  # 7x15 cells are a stride-32 grid
+        masked_mean_prototypes(np.zeros((C, 7, 15), np.float32), mask, [0], stride=16, long_side=473)
 
 
 # --- similarity prior -------------------------------------------------------------------------
@@ -114,7 +220,8 @@ def test_prior_searches_a_seeded_candidate_subset_for_large_clusters():
 
 # --- build from masks + an embeddings store --------------------------------------------------
 
-def make_store(tmp_path, masks: dict[str, np.ndarray], valid: dict[str, tuple[int, int]], grid: int = 6):
+def make_store(tmp_path, masks: dict[str, np.ndarray], valid: dict[str, tuple[int, int]], grid: int = 6,
+               stride: int = 8, long_side: int = 48):
     rng = np.random.default_rng(5)
     ids = list(masks)
     features = rng.standard_normal((len(ids), C, grid, grid)).astype(np.float32)
@@ -123,7 +230,7 @@ def make_store(tmp_path, masks: dict[str, np.ndarray], valid: dict[str, tuple[in
     group.create_array("features", data=features.astype(np.float16), chunks=(1, C, grid, grid))
     group.create_array("valid_hw", data=np.asarray([valid[i] for i in ids], dtype=np.int32))
     group.create_array("image_hw", data=np.asarray([masks[i].shape for i in ids], dtype=np.int32))
-    group.attrs["image_ids"] = ids
+    group.attrs.update({"image_ids": ids, "stride": stride, "input_long_side": long_side})
     mask_dir = tmp_path / "masks"
     for image_id, mask in masks.items():
         save_label(mask_dir / f"{image_id}.png", mask)
@@ -145,7 +252,8 @@ def small_store(tmp_path):
         "c": blob_mask(40, 60, {}),  # only background: no occurrence
         "d": blob_mask(40, 48, {2: np.s_[10:30, 10:30], 1: np.s_[32:39, 0:40]}),
     }
-    valid = {"b": (4, 6), "a": (4, 6), "c": (4, 6), "d": (5, 6)}
+    valid = {"b": (4, 6), "a": (4, 6), "c": (4, 6), "d": (5, 6)}  # stride 8 on a 48 canvas
+    assert valid == {i: cells_of(*m.shape, 8, 48) for i, m in masks.items()}
     group, mask_dir = make_store(tmp_path, masks, valid)
     return group, mask_dir, masks, valid
 
@@ -169,6 +277,20 @@ def test_build_lists_every_valid_occurrence_with_area_and_prototype(small_store)
     for row in range(index.num_occurrences):
         members = {r for r in range(index.num_occurrences) if index.occ_cluster[r] == index.occ_cluster[row]}
         assert set(index.prior(row).tolist()) == members - {row}
+
+
+def test_build_places_prototypes_with_the_store_stride_and_long_side(tmp_path):
+    masks = {"x": blob_mask(200, 473, {1: np.s_[150:171, 100:300], 2: np.s_[20:60, 400:473]})}
+    group, mask_dir = make_store(tmp_path, masks, {"x": (7, 15)}, grid=15, stride=32, long_side=473)
+    index = build_task_index(mask_dir, group, ["x"], num_clusters=4, min_area=20, area_reference=None)
+    assert index.occ_cluster.tolist() == [1, 2]
+    block = group["features"][0, :, :7, :15].astype(np.float32)
+    for row, cluster in enumerate([1, 2]):
+        np.testing.assert_allclose(index.occ_prototype[row],
+                                   canvas_brute_force_mean(block, masks["x"], cluster, 32, 473), rtol=1e-5, atol=1e-6)
+    del group.attrs["stride"]
+    with pytest.raises(ValueError, match="stride"):
+        build_task_index(mask_dir, group, ["x"], num_clusters=4, min_area=20)
 
 
 def test_build_is_deterministic_and_round_trips_through_the_tasks_store(small_store, tmp_path):

@@ -10,11 +10,15 @@ A cluster ``c`` is a valid pseudo-class of an image when
   the height or of the width). Sky, grass, walls and padding bands fall out this way.
 
 Each valid occurrence gets a prototype: the mean of the image's L2-normalised embeddings over
-the cluster's region. The embedding cells of an image cover the whole (resized) image, so the
-binary region is downsampled to the cell grid by exact area averaging (the fraction of each
-cell it covers) and the cell features are averaged with those weights. This equals the masked
-mean over pixels of the features upsampled piecewise-constant (one value per cell), and costs
-O(H·W) instead of upsampling C channels to full resolution.
+the cluster's region. The region is placed where the image actually lies on the extraction
+canvas (resized to ``new_h × new_w`` of ``pad_geometry``, top-left, the rest padding, as in
+:func:`fss_core.pseudo.masks.cluster_map`): original pixel ``y`` covers canvas rows
+``[y, y + 1)·new_h/H`` and cell ``i`` covers canvas rows ``[i, i + 1)·stride``. Each cell is
+weighted by the area of the region inside it on the canvas, and the cell features are averaged
+with those weights. The valid cells may reach past the image into padding (``ceil(new_h/stride)``
+cells of ``stride`` rows): that part of a cell holds no pixel and weighs nothing. This equals the
+masked mean over canvas pixels of the features upsampled piecewise-constant (one value per cell),
+and costs O(H·W) instead of upsampling C channels to full resolution.
 
 The similarity prior lists, for each occurrence of cluster ``c`` (``n`` occurrences), its
 ``k_c`` most cosine-similar other occurrences of ``c``, most similar first:
@@ -39,6 +43,8 @@ import zarr
 from scipy import sparse
 
 from fss_core.data.images import IGNORE_LABEL, load_label
+from fss_core.geometry import pad_geometry
+from fss_core.pseudo.masks import SIZE_MULTIPLE
 from storage_schemas import TASKS, TasksAttrs, create_store, open_store, read_attrs
 
 log = logging.getLogger(__name__)
@@ -203,29 +209,48 @@ def valid_pseudo_classes(mask: np.ndarray, min_area: int, background_span: float
     return [(int(c), int(areas[c])) for c in np.flatnonzero(keep)]
 
 
-def _cell_overlap(pixels: int, cells: int) -> sparse.csr_matrix:
-    """``[cells, pixels]`` sparse: length of pixel p (span [p, p+1)) inside cell i (span of pixels/cells)."""
-    edges = np.arange(cells + 1) * (pixels / cells)
-    starts = np.arange(pixels)
+def _cell_overlap(pixels: int, canvas_pixels: int, cells: int, stride: int) -> sparse.csr_matrix:
+    """``[cells, pixels]`` sparse: how much of each original pixel lies in each cell, on the canvas.
+
+    The ``pixels`` of the image are resized onto canvas span ``[0, canvas_pixels)``, so pixel
+    ``p`` covers ``[p, p + 1)·canvas_pixels/pixels``; cell ``i`` covers ``[i, i + 1)·stride``.
+    Lengths are in canvas units. Image content past the last cell (a patch grid that floors,
+    as a ViT's does, has no cell there) counts to the last cell, as the cluster map clamps it.
+    """
+    scale = canvas_pixels / pixels
+    starts = np.arange(pixels) * scale
+    ends = np.arange(1, pixels + 1) * scale
+    edges = np.arange(cells + 1) * float(stride)
+    edges[-1] = max(edges[-1], canvas_pixels)
     lo = np.maximum(edges[:-1, None], starts[None, :])
-    hi = np.minimum(edges[1:, None], starts[None, :] + 1)
+    hi = np.minimum(edges[1:, None], ends[None, :])
     return sparse.csr_matrix(np.clip(hi - lo, 0.0, None))
 
 
-def masked_mean_prototypes(features: np.ndarray, mask: np.ndarray, clusters: Sequence[int]) -> np.ndarray:
+def masked_mean_prototypes(features: np.ndarray, mask: np.ndarray, clusters: Sequence[int], stride: int,
+                           long_side: int) -> np.ndarray:
     """Mean embedding of each cluster's region.
 
-    ``features`` is ``[C, r, c]`` (the image's valid cells, covering the whole image),
-    ``mask`` ``[H, W]`` cluster ids at original resolution. Returns ``[len(clusters), C]``
-    float32: for each cluster the area-weighted mean of the cell features, weight = pixels
-    of the cluster falling into the cell (exact fractional coverage).
+    ``features`` is ``[C, r, c]``, the image's valid cells from an extraction at ``stride`` on
+    a ``long_side`` canvas; ``mask`` ``[H, W]`` cluster ids at original resolution. Returns
+    ``[len(clusters), C]`` float32: for each cluster the mean of the cell features, each cell
+    weighted by the area of the cluster inside it once the image is placed on the canvas (see
+    the module doc). Raises ValueError when ``r × c`` is not the valid grid of that geometry.
     """
     channels, r, c = features.shape
     h, w = mask.shape
-    rows, cols = _cell_overlap(h, r), _cell_overlap(w, c)
+    geometry = pad_geometry(h, w, long_side, SIZE_MULTIPLE)
+    rows_expected, cols_expected = geometry.valid_cells(stride)
+    # a backbone whose grid floors (ViT patches) may have one cell fewer than the image reaches
+    if not (rows_expected - 1 <= r <= rows_expected and cols_expected - 1 <= c <= cols_expected):
+        raise ValueError(f"features hold {r}x{c} cells, but a {h}x{w} image on a {long_side} canvas "
+                         f"(resized to {geometry.new_h}x{geometry.new_w}) at stride {stride} has "
+                         f"{rows_expected}x{cols_expected} valid cells")
+    rows = _cell_overlap(h, geometry.new_h, r, stride)
+    cols = _cell_overlap(w, geometry.new_w, c, stride)
     coverage = np.empty((len(clusters), r * c))
     for k, cluster in enumerate(clusters):
-        # [H, W] -> [r, W] -> [r, c]: pixels of the cluster inside each cell
+        # [H, W] -> [r, W] -> [r, c]: area of the cluster inside each cell
         per_row = rows @ (mask == cluster).astype(np.float64)
         coverage[k] = (cols @ per_row.T).T.ravel()
     sums = coverage @ features.reshape(channels, r * c).astype(np.float64).T
@@ -297,7 +322,8 @@ def build_task_index(
 
     - ``mask_dir/{image_id}.png``: pseudo mask ``[H, W]`` of cluster ids in ``0..num_clusters-1``.
     - ``embeddings``: the embeddings store (group or path) with ``features [N, C, G, G]``,
-      ``valid_hw [N, 2]``, ``image_hw [N, 2]`` and attribute ``image_ids``.
+      ``valid_hw [N, 2]``, ``image_hw [N, 2]`` and attributes ``image_ids``, ``stride`` and
+      ``input_long_side`` (the canvas geometry that places each mask on its cells).
 
     The index lists the given images in the store's row order; images without a valid
     pseudo-class have no occurrence. Deterministic for a given ``seed``.
@@ -311,6 +337,10 @@ def build_task_index(
     if len(store_ids) != group["features"].shape[0]:
         raise ValueError(f"{where}: attribute 'image_ids' lists {len(store_ids)} ids "
                          f"but 'features' has {group['features'].shape[0]} rows")
+    stride, long_side = group.attrs.get("stride"), group.attrs.get("input_long_side")
+    if stride is None or long_side is None:
+        raise ValueError(f"{where}: attributes 'stride' and 'input_long_side' are required "
+                         f"(got {stride!r}, {long_side!r})")
     store_row = {image_id: n for n, image_id in enumerate(store_ids)}
     unknown = [i for i in image_ids if i not in store_row]
     if unknown:
@@ -341,7 +371,8 @@ def build_task_index(
             continue
         r, c = (int(v) for v in valid_hw[n])
         block = np.asarray(features[n, :, :r, :c], dtype=np.float32)
-        prototypes.append(masked_mean_prototypes(block, mask, [cl for cl, _ in classes]))
+        prototypes.append(masked_mean_prototypes(block, mask, [cl for cl, _ in classes], int(stride),
+                                                 int(long_side)))
         occ_image += [index_row] * len(classes)
         occ_cluster += [cl for cl, _ in classes]
         occ_area += [area for _, area in classes]
