@@ -27,8 +27,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # takes longer than Prefect's default 20 s.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+# configs/demo.yaml, installed with the package (fss_cli/demo.yaml links to it in the repository)
+DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 
 app = typer.Typer(help="Label-free few-shot semantic segmentation pipeline.", no_args_is_help=True,
                   pretty_exceptions_enable=False, cls=OneLineErrors)

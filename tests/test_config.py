@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -170,3 +171,27 @@ def test_loading_settings_leave_the_trained_model_reusable():
     for override in ("train.num_workers=2", "train.decode_cache_mb=0"):
         assert build_key("train", load_config(None, [override]), "t") == build_key("train", default, "t"), override
     assert build_key("train", load_config(None, ["train.epochs=3"]), "t") != build_key("train", default, "t")
+
+
+def test_the_wheel_ships_the_demo_config(tmp_path):
+    """`fss demo` reads its config from the installed package, so a non-editable install (the
+    container images) has it: the wheel holds configs/demo.yaml's content as fss_cli/demo.yaml."""
+    import shutil
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    for name in ("fss_core", "storage_schemas", "tasks", "flows", "fss_cli", "configs"):
+        shutil.copytree(root / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "wheel")], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        shipped = z.read("fss_cli/demo.yaml")
+    assert shipped == (root / "configs" / "demo.yaml").read_bytes()
+
+    from fss_cli.main import DEMO_CONFIG
+
+    assert load_config(DEMO_CONFIG) == load_config(root / "configs" / "demo.yaml")
