@@ -143,6 +143,23 @@ def test_evaluation_episodes_do_not_move_with_pseudo_task_settings():
     assert build_key("evaluate", stricter, "m") != build_key("evaluate", default, "m")
 
 
+def test_the_references_unscaled_areas_can_be_chosen():
+    """``pseudo.area_reference: null`` applies the area thresholds in original pixels, as the
+    reference does, at every image size; the default scales them with the image's area."""
+    from fss_core.pseudo.masks import REFERENCE_FELZENSZWALB, min_size_for
+    from fss_core.pseudo.task_index import scaled_min_area
+
+    reference = load_config(None, ["pseudo.area_reference=null"]).pseudo
+    default = load_config().pseudo
+    assert reference.area_reference is None and default.area_reference == 473
+    for h, w in ((375, 500), (128, 128)):
+        assert scaled_min_area(reference.min_area, reference.area_reference, h, w) == 2048
+        assert min_size_for(REFERENCE_FELZENSZWALB, reference.area_reference, h, w) == 200
+    assert scaled_min_area(default.min_area, default.area_reference, 375, 500) == round(2048 * 375 * 500 / 473**2)
+    with pytest.raises(ConfigError, match="area_reference"):
+        load_config(None, ["pseudo.area_reference=0"])
+
+
 def test_a_new_class_split_is_evaluated_again_but_keeps_the_pseudo_trained_model():
     """COCO's interleaved and consecutive splits give a fold other novel classes: switching
     must not read back the other split's stored scores or real-label models. The unsupervised
