@@ -318,10 +318,15 @@ def predict(
             _fail(f"--support {item!r} must be IMAGE:MASK")
         pairs.append((Path(image), Path(mask)))
     queries = list(query) + list(more_queries or [])
+    names = [q.stem for q in queries]  # each query's mask is OUT/{stem}.png
+    clashes = sorted({str(q) for q in queries if names.count(q.stem) > 1})
+    if clashes:
+        _fail(f"queries {', '.join(clashes)} would write the same mask files in {out} (one per file name "
+              "without its extension): rename them or predict them in separate runs")
     try:
         model, spec = load_bundle(bundle)
         masks = run_predict(model, pairs, queries, image_size=spec.image_size, device=device)
-        paths = save_masks(masks, [q.stem for q in queries], out)
+        paths = save_masks(masks, names, out)
     except (PredictInputError, FileNotFoundError) as exc:
         _fail(str(exc))
     for q, p in zip(queries, paths):

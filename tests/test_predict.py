@@ -161,3 +161,26 @@ def test_fss_network_runs_through_predict_deterministically():
     again = predict(model, supports, queries, image_size=IMAGE_SIZE, seed=7)
     assert [m.shape for m in first] == [q.shape[:2] for q in queries]
     assert all((a == b).all() for a, b in zip(first, again))
+
+
+def test_cli_refuses_queries_whose_masks_would_share_a_file_before_predicting(tmp_path, monkeypatch):
+    """`fss predict` names each mask after its query's file name without the extension:
+    a/x.jpg and b/x.png would overwrite each other, so the run stops at once, naming both."""
+    from typer.testing import CliRunner
+
+    import fss_core.inference.predict as library
+    from fss_cli.main import app
+
+    rgb, mask = scene(24, 24, (4, 4, 12, 12))
+    save_rgb(tmp_path / "s.png", rgb)
+    Image.fromarray(mask * 255).save(tmp_path / "m.png")
+    for q in (tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.png"):
+        save_rgb(q, rgb)
+    called = []
+    monkeypatch.setattr(library, "predict", lambda *a, **k: called.append(1))
+    result = CliRunner().invoke(app, ["predict", "--bundle", str(tmp_path / "no-bundle"),
+                                      "--support", f"{tmp_path / 's.png'}:{tmp_path / 'm.png'}",
+                                      "--query", str(tmp_path / "a" / "x.jpg"), str(tmp_path / "b" / "x.png"),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and not called and not (tmp_path / "out").exists()
+    assert str(tmp_path / "a" / "x.jpg") in result.output and str(tmp_path / "b" / "x.png") in result.output
