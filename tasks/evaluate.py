@@ -175,7 +175,7 @@ def _methods_to_evaluate(cfg: PipelineConfig, trained: TrainOutcome, extraction:
 
 
 def _result_folder(cfg: PipelineConfig, method: _Method, fold: int, shots: int) -> Path:
-    return (workspace_of(cfg).evaluation / build_key("evaluate", cfg, method.model_key) / method.name
+    return (workspace_of(cfg).evaluation / build_key("evaluate_result", cfg, method.model_key) / method.name
             / f"fold{fold}" / f"{shots}shot")
 
 
@@ -206,10 +206,11 @@ def run_evaluate(cfg: PipelineConfig, trained: TrainOutcome, extraction: Backbon
     """Evaluate the trained model and the baseline on every fold in ``evaluate.folds``, and each
     comparison model on its own fold, at every ``evaluate.shots``.
 
-    A method's results live in ``evaluation/<key>/<method>/fold{f}/{s}shot/`` where ``key`` is the
-    evaluate key of the model they score (the baseline's is the trained model's), so a model that
-    did not change is never evaluated again; the table and its ``summary.json`` live under the
-    key of all the models together.
+    A method's results live in ``evaluation/<key>/<method>/fold{f}/{s}shot/`` where ``key`` names
+    the model they score (the baseline's is the trained model's) and the evaluate settings other
+    than the lists of folds and shots, so a model that did not change is never evaluated again on
+    a fold and shot count it was scored on; the table and its ``summary.json`` live under the
+    key of all the models and every evaluate setting together.
     """
     ws = workspace_of(cfg)
     e = cfg.evaluate

@@ -19,13 +19,16 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "task_index": ("pseudo",),
     "train": ("train",),
     "evaluate": ("evaluate",),
+    "evaluate_result": ("evaluate",),  # one method on one fold and shot count
 }
 
 
-# Settings of how a stage runs that never change what it makes: left out of its key, so that
-# changing them reuses the stored output.
+# Settings (of a stage's sections) that never change what the stage makes: left out of its key,
+# so that changing them reuses the stored output.
 UNKEYED: dict[str, frozenset[str]] = {
     "train": frozenset({"num_workers", "decode_cache_mb"}),
+    # a result's folder names its fold and shot count: adding one leaves the others' results valid
+    "evaluate_result": frozenset({"folds", "shots"}),
 }
 
 
@@ -33,13 +36,13 @@ def class_split(stage: str, cfg: PipelineConfig) -> dict | None:
     """How classes are split into folds, for the stages whose output depends on it: evaluation
     (its novel classes), the comparison models' data and training on real labels (their base
     classes). None for the others: pseudo-task training never reads a class id."""
-    labelled = stage in ("evaluate", "compare_data") or (stage == "train" and cfg.train.mode != "unsupervised")
+    labelled = stage in ("evaluate", "evaluate_result", "compare_data") or (stage == "train" and cfg.train.mode != "unsupervised")
     return {"fold_scheme": cfg.data.fold_scheme, "num_classes": cfg.data.num_classes} if labelled else None
 
 
 def build_key(stage: str, cfg: PipelineConfig, *input_keys: str | None) -> str:
     """16 hex digits naming (stage, its config sections, its inputs' keys)."""
-    sections = {s: getattr(cfg, s).model_dump(mode="json", exclude=set(UNKEYED.get(s, ())))
+    sections = {s: getattr(cfg, s).model_dump(mode="json", exclude=set(UNKEYED.get(stage, ())))
                 for s in STAGE_SECTIONS.get(stage, ())}
     content = {"stage": stage, "sections": sections, "inputs": list(input_keys)}
     if (split := class_split(stage, cfg)) is not None:

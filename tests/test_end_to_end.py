@@ -3,7 +3,9 @@ re-running exactly its stage and the ones after it."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from fss_core.config import load_config
 from fss_core.data.manifest import read_manifest
@@ -92,6 +94,16 @@ def _train_metric(workspace, key: str) -> list[float]:
     return [m.value for m in client.get_metric_history(runs[0].info.run_id, key)]
 
 
+def test_a_new_shot_count_scores_only_that_shot_count(workspace):
+    """Adding 2-shot episodes to a 1-shot evaluation computes the 2-shot results of each method
+    and reads the 1-shot ones back; the table then holds both."""
+    r = _run(workspace, "evaluate.shots=[1, 2]")
+    assert r["train"].cached and not r["evaluate"].cached
+    assert r["evaluated_results"] == 2  # the model and the baseline, fold 0, 2 shots
+    assert {(row.method, row.shots) for row in r["evaluate"].rows} == {
+        (m, s) for m in ("unsupervised", "baseline") for s in (1, 2)}
+
+
 def test_changed_cluster_setting_reruns_cluster_and_later_stages_only(workspace):
     embeddings_before = _mtime(workspace / "embeddings.zarr")
     r = _run(workspace, "cluster.num_clusters=6")
@@ -124,3 +136,13 @@ def test_retrain_embeds_only_new_images_and_starts_from_the_champion(workspace):
     assert open_store(workspace / "clusters.zarr", CLUSTERS).attrs["warm_start_parent"] == r["cluster"].build_key
     assert not result["train"].cached
     assert result["register"].version == r["register"].version + 1
+
+    # The registered model has seen every image; one rewritten under the same id is new again,
+    # embedded alone, and clustering and the stages after it rebuild.
+    assert retrain(overrides=overrides)["new_images"] == 0
+    row = next(row for row in read_manifest(workspace / "manifest.jsonl") if row.split == "train")
+    path = workspace / "data" / "synthetic" / row.path
+    Image.fromarray(255 - np.asarray(Image.open(path).convert("RGB"))).save(path, quality=95)
+    changed = retrain(overrides=overrides)
+    assert changed["retrained"] is True and changed["new_images"] == 1 and changed["extracted"] == 1
+    assert not changed["cluster"].cached and not changed["train"].cached
