@@ -15,7 +15,7 @@ from prefect import task
 from fss_core.config import PipelineConfig
 from fss_core.data.folds import num_classes_of
 from fss_core.embeddings.extract import shard_blocks
-from fss_core.pseudo.masks import finish_pseudo_masks, start_pseudo_masks, write_pseudo_masks
+from fss_core.pseudo.masks import QUALITY_NAME, finish_pseudo_masks, start_pseudo_masks, write_pseudo_masks
 from fss_core.pseudo.quality import evaluate_pseudo_masks, format_table
 from storage_schemas import CLUSTERS, EMBEDDINGS, FelzenszwalbParams, PseudoMasksMeta, StoreKeyError, open_store
 from tasks.ingest import training_rows
@@ -24,7 +24,6 @@ from tasks.tracking import stage_run
 from tasks.workspace import atomic_write_text, source_root, workspace_of
 
 log = logging.getLogger(__name__)
-QUALITY_FILE = "quality.json"
 
 
 @dataclass(frozen=True)
@@ -92,11 +91,17 @@ def pseudo_block(cfg: PipelineConfig, plan_key: str, rows: list[int], paths: lis
 
 
 def finish_pseudo(cfg: PipelineConfig, plan: PseudoPlan, parent_run_id: str | None = None) -> QualitySummary:
-    """Mark the masks complete and report their quality (cached with them)."""
+    """Mark the masks complete and report their quality (cached with them).
+
+    The cached report records the build key of the masks it was measured on, and is used only
+    for that build: a report of any other build is measured again.
+    """
     ws = workspace_of(cfg)
-    quality_path = ws.pseudo_masks / QUALITY_FILE
-    if plan.complete and quality_path.is_file():
-        return QualitySummary(**json.loads(quality_path.read_text())["summary"])
+    quality_path = ws.pseudo_masks / QUALITY_NAME
+    if plan.complete:
+        cached = _cached_quality(quality_path, plan.build_key)
+        if cached is not None:
+            return cached
     finish_pseudo_masks(ws.pseudo_masks, PseudoMasksMeta(build_key=plan.build_key, num_clusters=cfg.cluster.num_clusters,
                                                          felzenszwalb=felzenszwalb_params(cfg),
                                                          image_count=len(plan.image_ids)), plan.image_ids)
@@ -116,9 +121,21 @@ def finish_pseudo(cfg: PipelineConfig, plan: PseudoPlan, parent_run_id: str | No
                                 "pixel_accuracy": report.pixel_accuracy})
             mlflow.log_dict({str(k): v for k, v in report.per_class.items()}, "quality/per_class_iou.json")
         mlflow.log_text(table, "quality/report.txt")
-    atomic_write_text(quality_path, json.dumps({"summary": asdict(summary), "table": table}, indent=1))
+    atomic_write_text(quality_path, json.dumps({"build_key": plan.build_key, "summary": asdict(summary),
+                                                "table": table}, indent=1))
     log.info("pseudo-mask quality:\n%s", table)
     return summary
+
+
+def _cached_quality(path: Path, key: str) -> QualitySummary | None:
+    """The quality report at ``path`` if it was measured on the masks of build ``key``, else None."""
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    if report.get("build_key") != key:
+        log.info("pseudo-mask quality report %s belongs to another build; measuring it again", path)
+        return None
+    return QualitySummary(**report["summary"])
 
 
 @dataclass(frozen=True)

@@ -145,3 +145,74 @@ def test_unextracted_row_is_refused(tmp_path):
     save_rgb(tmp_path / "a.png", np.zeros((30, 40, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="not extracted"):
         write_pseudo_masks([0], store, CENTROIDS, [tmp_path / "a.png"], tmp_path / "m", REFERENCE_FELZENSZWALB, KEY)
+
+
+def test_a_new_build_removes_the_quality_report_of_the_previous_one(tmp_path):
+    out = tmp_path / "masks"
+    start_pseudo_masks(out, KEY)
+    finish_pseudo_masks(out, PseudoMasksMeta(build_key=KEY, num_clusters=3, felzenszwalb=REFERENCE_FELZENSZWALB,
+                                             image_count=0))
+    (out / "quality.json").write_text("{}")
+    assert start_pseudo_masks(out, KEY) is True
+    assert (out / "quality.json").exists()  # the complete build keeps its report
+    assert start_pseudo_masks(out, "ffeeddccbbaa9988") is False
+    assert not (out / "quality.json").exists()
+
+
+def test_quality_after_a_kill_between_meta_and_report_is_the_new_builds(tmp_path):
+    """Build A, then build B killed after its meta.json but before its quality.json: the rerun
+    of B reports B's quality, never A's."""
+    from fss_core.config import load_config
+    from fss_core.pseudo.quality import evaluate_pseudo_masks
+    from tasks.cluster import run_cluster
+    from tasks.extract import extract_block, finish_extraction, prepare_extraction
+    from tasks.ingest import run_ingest, training_rows
+    from tasks.pseudo import (
+        _Labelled,
+        dataset_num_classes,
+        felzenszwalb_params,
+        finish_pseudo,
+        prepare_pseudo,
+        pseudo_block,
+    )
+    from tasks.workspace import source_root
+    from tests.tiny_config import TINY
+
+    ws = tmp_path / "ws"
+
+    def config(*extra):
+        return load_config(None, [*TINY, f"runtime.workspace={ws}", "runtime.n_workers=1", *extra])
+
+    def write_masks(cfg):
+        plan = prepare_pseudo(cfg, cluster_key)
+        for rows, paths in zip(plan.blocks, plan.paths):
+            pseudo_block(cfg, plan.build_key, rows, paths)
+        return plan
+
+    cfg_a, cfg_b = config(), config("pseudo.felzenszwalb_scale=20")
+    run_ingest(cfg_a)
+    extraction = prepare_extraction(cfg_a)
+    for rows, paths in zip(extraction.blocks, extraction.paths):
+        extract_block(cfg_a, extraction.backbone, rows, paths)
+    extraction = finish_extraction(cfg_a, extraction, [0])
+    cluster_key = run_cluster(cfg_a, extraction.output_key).build_key
+
+    quality_a = finish_pseudo(cfg_a, write_masks(cfg_a))
+    report_a = (ws / "pseudo_masks" / "quality.json").read_text()
+    plan_b = write_masks(cfg_b)
+    finish_pseudo_masks(ws / "pseudo_masks", PseudoMasksMeta(  # killed here, before quality.json
+        build_key=plan_b.build_key, num_clusters=cfg_b.cluster.num_clusters,
+        felzenszwalb=felzenszwalb_params(cfg_b), image_count=len(plan_b.image_ids)), plan_b.image_ids)
+
+    rerun = prepare_pseudo(cfg_b, cluster_key)
+    assert rerun.complete
+    quality_b = finish_pseudo(cfg_b, rerun)
+    root = source_root(cfg_b)
+    labelled = [_Labelled(r.image_id, root / r.label_path) for r in training_rows(cfg_b) if r.label_path]
+    truth = evaluate_pseudo_masks(ws / "pseudo_masks", labelled, cfg_b.cluster.num_clusters,
+                                  dataset_num_classes(cfg_b) + 1, seed=cfg_b.cluster.seed)
+    assert truth.miou != quality_a.miou  # the two builds are told apart
+    assert (quality_b.miou, quality_b.pixel_accuracy) == (truth.miou, truth.pixel_accuracy)
+    assert finish_pseudo(cfg_b, prepare_pseudo(cfg_b, cluster_key)) == quality_b  # the report is kept for B
+    (ws / "pseudo_masks" / "quality.json").write_text(report_a)  # A's report next to B's masks, however it got there
+    assert finish_pseudo(cfg_b, prepare_pseudo(cfg_b, cluster_key)) == quality_b

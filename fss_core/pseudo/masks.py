@@ -12,7 +12,8 @@ where the scores are interpolated (clamped to the outermost valid cells). This i
 bilinear map from cells to pixels, instead of resizing the scores twice.
 
 Output: one palette PNG per image, ``{image_id}.png``, at the original size, pixel = cluster
-id; the folder's ``meta.json`` (:class:`PseudoMasksMeta`) is written once every mask exists.
+id; the folder's ``meta.json`` (:class:`PseudoMasksMeta`) is written once every mask exists,
+and its ``quality.json`` (the quality report, written by the pipeline) belongs to that build only.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 SIZE_MULTIPLE = 8  # the extraction geometry floors both resized sides to a multiple of 8
 META_NAME = "meta.json"
+QUALITY_NAME = "quality.json"  # the quality report of the masks; removed when another build starts
 PENDING_NAME = ".pending_build_key"  # the build key of the masks being written; gone once meta.json is
 REFERENCE_FELZENSZWALB = FelzenszwalbParams(scale=100, sigma=0.8, min_size=200)
 _STRIPE_VALUES = 1 << 24  # scores held at once while interpolating: K × rows × W ≤ 16 M floats
@@ -135,11 +137,12 @@ def pseudo_mask(features: np.ndarray, valid_hw: tuple[int, int], image_hw: tuple
 def start_pseudo_masks(out_dir: str | os.PathLike, build_key: str) -> bool:
     """Prepare ``out_dir`` for masks built with ``build_key``; True if they are already complete.
 
-    If the folder belongs to another build (or to none), its ``meta.json`` and every ``*.png``
-    under it are removed first, so it never looks complete while being rewritten and no stale
-    mask survives. ``build_key`` is then recorded as the pending build: :func:`write_pseudo_masks`
-    keeps the masks that a killed run of this same build already wrote. Call once, before the
-    mapped writers. Unfinished temporary files of killed writers are removed either way.
+    If the folder belongs to another build (or to none), its ``meta.json``, its quality report
+    and every ``*.png`` under it are removed first, so it never looks complete while being
+    rewritten and no stale mask or report survives. ``build_key`` is then recorded as the
+    pending build: :func:`write_pseudo_masks` keeps the masks that a killed run of this same
+    build already wrote. Call once, before the mapped writers. Unfinished temporary files of
+    killed writers are removed either way.
     """
     out_dir = Path(out_dir)
     meta = _read_meta(out_dir)
@@ -151,6 +154,7 @@ def start_pseudo_masks(out_dir: str | os.PathLike, build_key: str) -> bool:
     if _current_key(out_dir) == build_key:
         return False
     (out_dir / META_NAME).unlink(missing_ok=True)
+    (out_dir / QUALITY_NAME).unlink(missing_ok=True)
     stale = list(out_dir.rglob("*.png"))
     for path in stale:
         path.unlink()
