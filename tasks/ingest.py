@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import mlflow
 from prefect import task
@@ -16,7 +17,7 @@ from fss_core.data.manifest import build_manifest, read_manifest, write_manifest
 from fss_core.data.synthetic import synthesize
 from storage_schemas import ManifestRow
 from tasks.tracking import stage_run
-from tasks.workspace import atomic_write_text, source_root, workspace_of
+from tasks.workspace import atomic_write_text, check_source, source_root, workspace_of
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,20 @@ def ensure_synthetic(cfg: PipelineConfig) -> None:
 
 
 def run_ingest(cfg: PipelineConfig, parent_run_id: str | None = None) -> IngestResult:
-    """Scan the source, update the manifest (new files only), log counts to MLflow."""
+    """Scan the source, update the manifest (new and changed files are read), log counts to MLflow.
+
+    A source that is the workspace or lies in its outputs is refused. The workspace is marked as
+    one first, so that a scan of a source folder holding it skips it.
+    """
+    check_source(cfg)
     ensure_synthetic(cfg)
     ws = workspace_of(cfg)
+    ws.mark()
+    root = source_root(cfg)
     existing = read_manifest(ws.manifest) if ws.manifest.is_file() else None
-    update = build_manifest(source_root(cfg), layout=cfg.data.layout, existing=existing,
-                            num_classes=label_classes(cfg))
+    if existing is not None and ws.root.is_relative_to(root):
+        existing = _without_workspace_rows(existing, root, ws.root)
+    update = build_manifest(root, layout=cfg.data.layout, existing=existing, num_classes=label_classes(cfg))
     write_manifest(ws.manifest, update.rows)
     digest = hashlib.sha256()
     for row in update.rows:
@@ -79,6 +88,16 @@ def run_ingest(cfg: PipelineConfig, parent_run_id: str | None = None) -> IngestR
     log.info("ingest: %d images (%d new, %d changed, %d skipped)", result.total, result.added,
              result.changed, result.skipped)
     return result
+
+
+def _without_workspace_rows(rows: list[ManifestRow], source: Path, workspace: Path) -> list[ManifestRow]:
+    """``rows`` less those of files inside the workspace, which an older ingest of a ``source``
+    folder holding the workspace took for images."""
+    kept = [r for r in rows if not (source / r.path).is_relative_to(workspace)]
+    if len(kept) < len(rows):
+        log.info("ingest: %d manifest rows of files inside the workspace %s dropped", len(rows) - len(kept),
+                 workspace)
+    return kept
 
 
 def label_classes(cfg: PipelineConfig) -> int | None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fss_core.config import PipelineConfig
-
+from fss_core.data.layouts import WORKSPACE_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,10 @@ LOCK_WAIT_ENV = "FSS_LOCK_WAIT"  # seconds a run waits for a busy workspace; uns
 
 class WorkspaceLockedError(RuntimeError):
     """Another pipeline holds the workspace; the message names its process."""
+
+
+class SourceInWorkspaceError(ValueError):
+    """The configured source is the workspace itself or lies in one of its output folders."""
 
 
 @dataclass(frozen=True)
@@ -88,9 +92,25 @@ class Workspace:
     def lock(self) -> Path:
         return self.root / LOCK_NAME
 
+    @property
+    def marker(self) -> Path:
+        return self.root / WORKSPACE_MARKER
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """The folders the pipeline writes its artifacts into."""
+        return (self.embeddings, self.backbone_dir, self.clusters, self.pseudo_masks, self.tasks, self.models,
+                self.evaluation, self.runs, self.mlflow_artifacts)
+
     def ensure(self) -> Workspace:
         self.root.mkdir(parents=True, exist_ok=True)
         return self
+
+    def mark(self) -> None:
+        """Leave the marker file that makes a scan of an image folder skip this workspace."""
+        if not self.marker.is_file():
+            atomic_write_text(self.marker, "This folder is a workspace of the fss pipeline: its files are "
+                                           "outputs, and ingesting an image folder that holds it skips it.\n")
 
 
 def workspace_of(cfg: PipelineConfig) -> Workspace:
@@ -102,6 +122,26 @@ def source_root(cfg: PipelineConfig) -> Path:
     if cfg.data.source is not None:
         return Path(cfg.data.source).expanduser().resolve()
     return workspace_of(cfg).synthetic_data
+
+
+def check_source(cfg: PipelineConfig) -> None:
+    """Refuse a configured source that is the workspace itself or lies in one of its output folders.
+
+    Ingesting either would take the pipeline's own outputs for images. A workspace inside the
+    source is fine: the scan skips it (see :meth:`Workspace.mark`).
+    """
+    if cfg.data.source is None:
+        return
+    ws, source = workspace_of(cfg), source_root(cfg)
+    if source == ws.root:
+        raise SourceInWorkspaceError(
+            f"data.source {source} is the workspace itself, whose files are the pipeline's outputs; use a "
+            f"workspace folder of its own (runtime.workspace or -w), e.g. {source / 'workspace'}")
+    for folder in ws.outputs:
+        if source.is_relative_to(folder):
+            raise SourceInWorkspaceError(
+                f"data.source {source} lies in the workspace's output folder {folder}, whose files are the "
+                f"pipeline's outputs, not a dataset; point data.source at the images")
 
 
 def git_commit() -> str | None:

@@ -1,6 +1,7 @@
 """Readers for the dataset layouts the pipeline accepts.
 
-- ``folder``: any folder of unlabeled images, searched recursively.
+- ``folder``: any folder of unlabeled images, searched recursively, leaving out pipeline
+  workspaces (folders holding a ``WORKSPACE_MARKER`` file) found inside it.
 - ``voc``: PASCAL VOC layout, ``JPEGImages/*.jpg`` + ``SegmentationClassAug/*.png``, with split
   lists ``lists/{split}.txt`` (the standard PASCAL-5i lists are shipped as a fallback).
 - ``coco``: COCO 2014 layout, ``{train,val}2014/*.jpg`` + ``annotations/{train,val}2014/*.png``
@@ -27,6 +28,7 @@ LAYOUTS = ("voc", "coco", "folder")
 VOC_IMAGE_DIR = "JPEGImages"
 VOC_LABEL_DIR = "SegmentationClassAug"
 COCO_SPLITS = ("train", "val")
+WORKSPACE_MARKER = ".fss-workspace"  # a file that marks a folder as a pipeline workspace, not images
 
 
 class DatasetLayoutError(ValueError):
@@ -46,12 +48,14 @@ class ImageRecord:
 def read_folder(root: str | os.PathLike) -> list[ImageRecord]:
     """Every image under ``root`` (recursive; hidden files and folders skipped).
 
+    A pipeline workspace inside ``root`` (a folder holding a ``WORKSPACE_MARKER`` file) is
+    skipped whole, with one log line: its masks and overlays are outputs, not images.
     ``image_id`` is the path relative to ``root`` without its suffix, with ``/`` separators.
     """
     root = _existing_dir(root)
     by_id: dict[str, Path] = {}
     for dirpath, dirnames, filenames in os.walk(root, onerror=_report_unlistable):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # prune hidden folders in place
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and not _is_workspace(Path(dirpath, d))]
         for name in sorted(filenames):  # a stable order: the same duplicate is reported every time
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                 continue
@@ -207,6 +211,14 @@ def _pair_folder(image_dir: Path, label_dir: Path, split: str | None) -> list[Im
         label = label_dir / f"{image_id}.png"
         records.append(ImageRecord(image_id, by_id[image_id], label if label.is_file() else None, split))
     return records
+
+
+def _is_workspace(folder: Path) -> bool:
+    """Whether ``folder`` is a pipeline workspace; a log line says that it is skipped."""
+    if not (folder / WORKSPACE_MARKER).is_file():
+        return False
+    log.info("%s is a pipeline workspace: skipped, its files are not ingested", folder)
+    return True
 
 
 def _report_unlistable(error: OSError) -> None:
