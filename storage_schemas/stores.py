@@ -8,7 +8,7 @@ square input), ``cluster`` (K), ``occurrence`` (one valid (image, cluster) pair)
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,7 +31,12 @@ class Normalisation(BaseModel):
 
 
 class EmbeddingsAttrs(StoreAttrs):
-    """How the features were made; ``image_ids[i]`` is row ``i`` of every array."""
+    """How the features were made; ``image_ids[i]`` is row ``i`` of every array.
+
+    ``image_sha256[i]`` is the sha256 of the image file row ``i`` is (to be) computed from: a row
+    whose image has another sha256 in the manifest is out of date. None in stores written before
+    rows recorded it (and by callers that do not track image content); such stores stay valid.
+    """
 
     schema_version: int = 1
     extractor: str
@@ -42,6 +47,7 @@ class EmbeddingsAttrs(StoreAttrs):
     channels: int = Field(gt=0)
     pca: int | None = Field(default=None, gt=0)
     image_ids: list[str]
+    image_sha256: list[Annotated[str, Field(pattern=SHA256_PATTERN)]] | None = None
 
 
 EMBEDDINGS = StoreSchema(
@@ -61,7 +67,7 @@ EMBEDDINGS = StoreSchema(
     ),
     fixed_dims={"hw": 2},
     write_units={"image": IMAGES_PER_BLOCK},
-    attr_dims={"image_ids": "image", "channels": "channel"},
+    attr_dims={"image_ids": "image", "image_sha256": "image", "channels": "channel"},
 )
 
 

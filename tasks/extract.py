@@ -29,6 +29,7 @@ from fss_core.embeddings.extract import (
     extract_rows,
     feature_grid,
     sample_valid_vectors,
+    stored_images,
 )
 from fss_core.embeddings.pca import fit_projection, load_projection, save_projection
 from fss_core.embeddings.ssl_pretrain import pretrain_small_cnn
@@ -57,7 +58,7 @@ class BackboneRef:
 @dataclass(frozen=True)
 class ExtractPlan:
     build_key: str  # the store's key: extractor settings and backbone weights
-    output_key: str  # what later stages depend on: the store key and the images in it
+    output_key: str  # what later stages depend on: the store key and the images in it (ids and content)
     backbone: BackboneRef
     blocks: list[list[int]]  # store rows still to extract, one contiguous run per mapped task
     paths: list[list[str]]
@@ -117,7 +118,11 @@ def _backbone(name: str, checkpoint: str | None):
 
 
 def prepare_extraction(cfg: PipelineConfig, parent_run_id: str | None = None) -> ExtractPlan:
-    """Make sure the store exists (extended with new images), return the shards left to do."""
+    """Make sure the store exists (extended with new images), return the shards left to do.
+
+    Each row records the manifest's sha256 of its image: a row whose image was rewritten since it
+    was extracted is done again, alone. The output key names the store key and every image's id
+    and sha256, so new or changed images rebuild clustering and the stages after it."""
     ws = workspace_of(cfg)
     e = cfg.extract
     rows = training_rows(cfg)
@@ -134,7 +139,8 @@ def prepare_extraction(cfg: PipelineConfig, parent_run_id: str | None = None) ->
     image_hw = np.array([[by_id[i].height, by_id[i].width] for i in ordered], dtype=np.int32)
     group = create_embeddings_store(ws.embeddings, ordered, image_hw, channels, grid, build_key=store_key,
                                     extractor=ref.name, stride=stride, long_side=e.long_side,
-                                    checkpoint_sha256=ref.sha256, pca=e.pca_dim, shard_size=e.shard_size)
+                                    checkpoint_sha256=ref.sha256, pca=e.pca_dim, shard_size=e.shard_size,
+                                    image_sha256=[by_id[i].sha256 for i in ordered])
     root = source_root(cfg)
     if e.pca_dim and load_projection(group) is None:
         sample = [root / by_id[i].path for i in ordered[: min(len(ordered), 256)]]
@@ -145,7 +151,7 @@ def prepare_extraction(cfg: PipelineConfig, parent_run_id: str | None = None) ->
     for run in task_runs(todo, e.shard_size, cfg.runtime.n_workers * cfg.runtime.threads_per_worker, e.batch_size):
         blocks.append(list(run))
         paths.append([str(root / by_id[ordered[i]].path) for i in run])
-    ids_digest = hashlib.sha256("\n".join(ordered).encode()).hexdigest()[:16]
+    ids_digest = hashlib.sha256("\n".join(f"{i}\t{by_id[i].sha256}" for i in ordered).encode()).hexdigest()[:16]
     return ExtractPlan(store_key, build_key("extract", cfg, ref.sha256, ids_digest), ref, blocks, paths, len(ordered))
 
 
@@ -198,6 +204,12 @@ def _row_order(path: Path, key: str, manifest_ids: list[str]) -> list[str]:
         return manifest_ids  # images were removed: rebuild in manifest order
     known = set(old)
     return old + [i for i in manifest_ids if i not in known]
+
+
+def embedded_images(cfg: PipelineConfig) -> dict[str, str | None]:
+    """The images the workspace's embeddings store holds features of: id → sha256 of the image
+    they were computed from (None for rows of a store that predates recording it)."""
+    return stored_images(workspace_of(cfg).embeddings)
 
 
 def extract_block(cfg: PipelineConfig, ref: BackboneRef, rows: list[int], paths: list[str]) -> int:

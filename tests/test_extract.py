@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,10 +70,10 @@ def _images(tmp_path, sizes: list[tuple[int, int]]) -> list:
 SIZES = [(40, 100), (100, 40), (64, 64), (30, 50), (77, 23), (50, 50), (90, 60), (20, 20)]
 
 
-def _store(path, sizes, shard=4, key=KEY, channels=6, grid=8):
+def _store(path, sizes, shard=4, key=KEY, channels=6, grid=8, image_sha256=None):
     return create_embeddings_store(path, [f"im{i}" for i in range(len(sizes))], np.array(sizes), channels, grid,
                                    build_key=key, extractor="counting", stride=8, long_side=LONG_SIDE,
-                                   shard_size=shard)
+                                   shard_size=shard, image_sha256=image_sha256)
 
 
 def _extract_all(path, paths, backbone, **kw) -> int:
@@ -196,6 +198,67 @@ def test_extending_the_store_keeps_old_rows(tmp_path):
     _extract_all(tmp_path / "once.zarr", paths, CountingBackbone())
     np.testing.assert_array_equal(open_store(tmp_path / "once.zarr", EMBEDDINGS)["features"][:],
                                   open_store(tmp_path / "e.zarr", EMBEDDINGS)["features"][:])
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_a_row_whose_image_changed_is_recomputed_alone(tmp_path):
+    """Same image id, new bytes (another sha256): that row is extracted again, the others are kept."""
+    paths = _images(tmp_path, SIZES)
+    _store(tmp_path / "e.zarr", SIZES, image_sha256=[_sha(p) for p in paths])
+    _extract_all(tmp_path / "e.zarr", paths, CountingBackbone())
+    before = open_store(tmp_path / "e.zarr", EMBEDDINGS)["features"][:]
+
+    changed = 5
+    sizes = list(SIZES)
+    sizes[changed] = (33, 71)  # new content, new size
+    save_rgb(paths[changed], np.random.default_rng(9).integers(0, 256, size=(*sizes[changed], 3), dtype=np.uint8))
+    shas = [_sha(p) for p in paths]
+    group = _store(tmp_path / "e.zarr", sizes, image_sha256=shas)
+    assert group["done"][:].tolist() == [i != changed for i in range(len(SIZES))]
+    assert group.attrs["image_sha256"] == shas
+    backbone = CountingBackbone()
+    assert _extract_all(tmp_path / "e.zarr", paths, backbone) == 1 and backbone.images_seen == 1
+
+    _store(tmp_path / "once.zarr", sizes, image_sha256=shas)
+    _extract_all(tmp_path / "once.zarr", paths, CountingBackbone())
+    a, b = open_store(tmp_path / "once.zarr", EMBEDDINGS), open_store(tmp_path / "e.zarr", EMBEDDINGS)
+    for name in ("features", "valid_hw", "image_hw", "done"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+    kept = [i != changed for i in range(len(SIZES))]
+    np.testing.assert_array_equal(b["features"][:][kept], before[kept])
+    assert _store(tmp_path / "e.zarr", sizes, image_sha256=shas)["done"][:].all()  # nothing changed since
+
+
+def test_a_store_extended_while_an_image_changed_recomputes_that_row_and_the_new_ones(tmp_path):
+    paths = _images(tmp_path, SIZES)
+    shas = [_sha(p) for p in paths]
+    _store(tmp_path / "e.zarr", SIZES[:6], image_sha256=shas[:6])
+    _extract_all(tmp_path / "e.zarr", paths, CountingBackbone())
+    shas[1] = "f" * 64  # image 1 rewritten since
+    group = _store(tmp_path / "e.zarr", SIZES, image_sha256=shas)
+    assert group.attrs["image_sha256"] == shas
+    assert group["done"][:].tolist() == [True, False, True, True, True, True, False, False]
+
+
+def test_a_store_written_without_image_shas_opens_and_its_rows_are_trusted(tmp_path):
+    """A store of the code before rows recorded their image's sha256 stays valid: its done rows are
+    kept (not re-extracted) and adopt the manifest's shas; from then on a changed image is seen."""
+    paths = _images(tmp_path, SIZES[:4])
+    group = _store(tmp_path / "e.zarr", SIZES[:4])
+    _extract_all(tmp_path / "e.zarr", paths, CountingBackbone())
+    attrs = dict(group.attrs)
+    attrs.pop("image_sha256", None)  # as the older code wrote it
+    group.attrs.put(attrs)
+    assert open_store(tmp_path / "e.zarr", EMBEDDINGS)["done"][:].all()
+
+    shas = [_sha(p) for p in paths]
+    group = _store(tmp_path / "e.zarr", SIZES[:4], image_sha256=shas)
+    assert group["done"][:].all() and group.attrs["image_sha256"] == shas
+    group = _store(tmp_path / "e.zarr", SIZES[:4], image_sha256=[*shas[:3], "f" * 64])
+    assert group["done"][:].tolist() == [True, True, True, False]
 
 
 def test_other_build_key_rebuilds_the_store(tmp_path):

@@ -209,6 +209,7 @@ def create_embeddings_store(
     checkpoint_sha256: str | None = None,
     pca: int | None = None,
     shard_size: int = IMAGES_PER_BLOCK,
+    image_sha256: Sequence[str] | None = None,
 ) -> zarr.Group:
     """Open the embeddings store at ``path`` for extraction, creating it only when needed.
 
@@ -219,24 +220,33 @@ def create_embeddings_store(
     - Otherwise (no store, another key, ids removed or reordered) it is created afresh.
 
     ``image_hw [N, 2]`` is the original (H, W) of each image; ``valid_hw`` is derived from it.
-    ``channels`` is the stored width (the PCA dimension when ``pca`` is set). Returns the group
-    opened read-write.
+    ``channels`` is the stored width (the PCA dimension when ``pca`` is set). ``image_sha256``
+    (one per image; None: image content is not tracked) is recorded per row: in a reopened or
+    extended store, a row whose image now has another sha256 is marked not done, so the next
+    extraction computes that row again and keeps the others (:func:`record_image_content`).
+    Returns the group opened read-write.
     """
     image_ids = list(image_ids)
     image_hw = _checked_hw(image_hw, len(image_ids), "image_hw")
+    shas = None if image_sha256 is None else list(image_sha256)
+    if shas is not None and len(shas) != len(image_ids):
+        raise ValueError(f"{len(image_ids)} image ids but {len(shas)} image sha256s")
     existing = _same_key_store(path, build_key, channels, grid, shard_size)
     if existing is not None:
         old_ids = list(existing.attrs["image_ids"])
-        if old_ids == image_ids:
-            log.info("embeddings store %s reopened: %d of %d images done", path,
-                     int(existing["done"][:].sum()), len(image_ids))
-            return existing
         if image_ids[: len(old_ids)] == old_ids:
-            return extend_embeddings_store(path, image_ids[len(old_ids) :], image_hw[len(old_ids) :])
+            group = existing
+            if len(old_ids) < len(image_ids):
+                group = extend_embeddings_store(path, image_ids[len(old_ids) :], image_hw[len(old_ids) :],
+                                                None if shas is None else shas[len(old_ids) :])
+            changed = record_image_content(group, shas)
+            log.info("embeddings store %s reopened: %d of %d images done (%d of them changed since)", path,
+                     int(group["done"][:].sum()), len(image_ids), changed)
+            return group
         log.warning("embeddings store %s lists other images than the manifest; rebuilding it", path)
     attrs = EmbeddingsAttrs(build_key=build_key, extractor=extractor, checkpoint_sha256=checkpoint_sha256,
                             input_long_side=long_side, stride=stride, normalisation=NORMALISATION,
-                            channels=channels, pca=pca, image_ids=image_ids)
+                            channels=channels, pca=pca, image_ids=image_ids, image_sha256=shas)
     sizes = {"image": len(image_ids), "channel": channels, "row": grid, "col": grid}
     group = create_store(path, EMBEDDINGS, sizes, attrs, write_units={"image": shard_size})
     _write_sizes(group, 0, image_hw, long_side, stride, grid)
@@ -246,12 +256,14 @@ def create_embeddings_store(
 
 
 def extend_embeddings_store(path: str | os.PathLike, new_image_ids: Sequence[str],
-                            new_image_hw: np.ndarray) -> zarr.Group:
+                            new_image_hw: np.ndarray, new_image_sha256: Sequence[str] | None = None) -> zarr.Group:
     """Append rows for ``new_image_ids`` to the store at ``path``; old rows and their ``done`` stay.
 
     Every array grows along the image axis (new rows start not done) and the ids are appended
-    to ``image_ids``. Arrays are resized before the attributes are rewritten: a run killed in
-    between leaves a store that :func:`open_store` rejects, which is then rebuilt.
+    to ``image_ids``, their ``new_image_sha256`` to ``image_sha256`` (which becomes None, not
+    recorded, when either part is unknown). Arrays are resized before the attributes are
+    rewritten: a run killed in between leaves a store that :func:`open_store` rejects, which is
+    then rebuilt.
     """
     group = open_store(path, EMBEDDINGS, mode="r+")
     attrs = read_attrs(group, EMBEDDINGS)
@@ -263,13 +275,62 @@ def extend_embeddings_store(path: str | os.PathLike, new_image_ids: Sequence[str
                          f"{(clash or new_image_ids)[:3]}")
     old_n = len(attrs.image_ids)
     n = old_n + len(new_image_ids)
+    shas = None
+    if attrs.image_sha256 is not None and new_image_sha256 is not None:
+        shas = attrs.image_sha256 + list(new_image_sha256)
     for name in ("features", "valid_hw", "image_hw", "done"):
         array = group[name]
         array.resize((n, *array.shape[1:]))
-    write_attrs(group, attrs.model_copy(update={"image_ids": attrs.image_ids + new_image_ids}))
+    write_attrs(group, EmbeddingsAttrs.model_validate(
+        {**attrs.model_dump(), "image_ids": attrs.image_ids + new_image_ids, "image_sha256": shas}))
     _write_sizes(group, old_n, new_image_hw, attrs.input_long_side, attrs.stride, group["features"].shape[-1])
     log.info("embeddings store %s extended from %d to %d images", path, old_n, n)
     return group
+
+
+def record_image_content(group: zarr.Group, image_sha256: Sequence[str] | None) -> int:
+    """Record the sha256 of each row's image (``image_sha256``, one per row) in the open store.
+
+    A done row whose recorded sha256 differs (its image was rewritten under the same id) is
+    marked not done first, then the new sha256s are recorded, so that a run killed in between
+    finds the row still out of date. A store that records no sha256s (written before rows
+    recorded them) adopts the given ones: its done rows are trusted, not computed again.
+    ``image_sha256`` None (content not tracked) changes nothing. Returns how many rows were
+    marked not done.
+    """
+    if image_sha256 is None:
+        return 0
+    attrs = read_attrs(group, EMBEDDINGS)
+    shas = list(image_sha256)
+    if len(shas) != len(attrs.image_ids):
+        raise ValueError(f"the store has {len(attrs.image_ids)} rows but {len(shas)} image sha256s were given")
+    if attrs.image_sha256 == shas:
+        return 0
+    stale = []
+    if attrs.image_sha256 is not None:
+        done = np.asarray(group["done"][:])
+        stale = [i for i, (old, new) in enumerate(zip(attrs.image_sha256, shas)) if old != new and done[i]]
+        for lo, hi in _runs(stale):
+            group["done"][lo:hi] = False
+    write_attrs(group, EmbeddingsAttrs.model_validate({**attrs.model_dump(), "image_sha256": shas}))
+    if stale:
+        log.info("embeddings store %s: %d images changed since they were extracted; marked not done",
+                 group.store_path, len(stale))
+    return len(stale)
+
+
+def stored_images(path: str | os.PathLike) -> dict[str, str | None]:
+    """The images whose features the store at ``path`` holds (its done rows): image id → sha256
+    of the image they were computed from (None where the store records none). Empty when there
+    is no valid store."""
+    try:
+        group = open_store(path, EMBEDDINGS)
+    except StoreValidationError:
+        return {}
+    attrs = read_attrs(group, EMBEDDINGS)
+    shas = attrs.image_sha256 or [None] * len(attrs.image_ids)
+    done = np.asarray(group["done"][:])
+    return {image_id: sha for image_id, sha, is_done in zip(attrs.image_ids, shas, done) if is_done}
 
 
 def _same_key_store(path: str | os.PathLike, build_key: str, channels: int, grid: int,
