@@ -1,10 +1,15 @@
 """Retraining on new data: when enough new unlabeled images have arrived, extract only
 those, re-cluster warm-started from the last centroids, rebuild the task index, fine-tune
-from the ``champion`` model, evaluate, and move ``champion`` only if the new model is better."""
+from the ``champion`` model, evaluate, and move ``champion`` only if the new model is better.
+
+"New" means not yet trained on by the workspace's last registered model: an image it has not
+seen, or one whose content changed since (see :func:`trained_images`)."""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -12,23 +17,51 @@ from prefect_dask import DaskTaskRunner
 
 from flows.pipeline import cluster_and_run, stages
 from fss_core.config import PipelineConfig, load_config
-from storage_schemas import EMBEDDINGS, StoreValidationError, open_store
+from storage_schemas import ManifestRow
+from tasks.extract import embedded_images
 from tasks.ingest import run_ingest, training_rows
+from tasks.register import RECORD
 from tasks.registry import champion_bundle
-from tasks.workspace import save_resolved_config, workspace_lock, workspace_of
+from tasks.train import TRAINING_RECORD
+from tasks.workspace import Workspace, save_resolved_config, workspace_lock, workspace_of
 
 log = logging.getLogger(__name__)
 
 
 def new_images(cfg: PipelineConfig) -> tuple[int, int]:
-    """(training images not yet embedded, images already embedded) after re-ingesting the source."""
+    """(training images the last registered model was not trained on, images it was trained on),
+    after re-ingesting the source. An image is new when its id is not among the trained images,
+    or when its sha256 differs from the one it was trained with (its content changed)."""
     run_ingest(cfg)
-    try:
-        known = set(open_store(workspace_of(cfg).embeddings, EMBEDDINGS).attrs["image_ids"])
-    except StoreValidationError:
-        known = set()
-    rows = training_rows(cfg)
-    return sum(r.image_id not in known for r in rows), len(known)
+    trained = trained_images(cfg)
+    return sum(_is_new(row, trained) for row in training_rows(cfg)), len(trained)
+
+
+def _is_new(row: ManifestRow, trained: dict[str, str | None]) -> bool:
+    if row.image_id not in trained:
+        return True
+    sha = trained[row.image_id]
+    return sha is not None and sha != row.sha256  # None: a store that predates shas, trusted
+
+
+def trained_images(cfg: PipelineConfig) -> dict[str, str | None]:
+    """The images (id → sha256) the workspace's last registered model was trained on: the list
+    its bundle keeps (``training.json``, written with the model). A run killed before it
+    registers a model therefore leaves its new images new, whatever it had extracted. For a
+    bundle trained before bundles kept that list, the embeddings store's done rows."""
+    bundle = last_registered_bundle(workspace_of(cfg))
+    record = bundle / TRAINING_RECORD if bundle is not None else None
+    if record is not None and record.is_file():
+        images = json.loads(record.read_text()).get("images")
+        if images is not None:
+            return images
+    return embedded_images(cfg)
+
+
+def last_registered_bundle(ws: Workspace) -> Path | None:
+    """The bundle of the highest model version registered from the workspace (None: none yet)."""
+    registered = [(json.loads(p.read_text())["version"], p.parent) for p in ws.models.glob(f"*/{RECORD}")]
+    return max(registered)[1] if registered else None
 
 
 def enough(cfg: PipelineConfig, new: int, known: int) -> bool:

@@ -33,6 +33,7 @@ from fss_core.models.fss.bundle import load_bundle
 from fss_core.pseudo.task_index import scaled_min_area
 from tasks.compare import ComparedModel, method_label, method_order
 from tasks.extract import BackboneRef, device_for
+from tasks.ingest import labels_digest
 from tasks.keys import build_key
 from tasks.pseudo import dataset_num_classes
 from tasks.tracking import flatten, stage_run
@@ -174,8 +175,10 @@ def _methods_to_evaluate(cfg: PipelineConfig, trained: TrainOutcome, extraction:
     return methods
 
 
-def _result_folder(cfg: PipelineConfig, method: _Method, fold: int, shots: int) -> Path:
-    return (workspace_of(cfg).evaluation / build_key("evaluate_result", cfg, method.model_key) / method.name
+def _result_folder(cfg: PipelineConfig, method: _Method, fold: int, shots: int, val_key: str) -> Path:
+    """Where one method's result on one fold and shot count lives; ``val_key`` names the
+    labelled val images it is scored on (:func:`tasks.ingest.labels_digest`)."""
+    return (workspace_of(cfg).evaluation / build_key("evaluate_result", cfg, method.model_key, val_key) / method.name
             / f"fold{fold}" / f"{shots}shot")
 
 
@@ -191,9 +194,10 @@ def run_evaluate_fold(cfg: PipelineConfig, trained: TrainOutcome, extraction: Ba
     split = fold_split(cfg.data.fold_scheme, fold, dataset_num_classes(cfg))
     n_episodes = cfg.evaluate.episodes or default_episodes(cfg.data.fold_scheme)
     computed = 0
+    val_key = labels_digest(cfg, "val")
     for shots in cfg.evaluate.shots:
         for method in methods:
-            folder = _result_folder(cfg, method, fold, shots)
+            folder = _result_folder(cfg, method, fold, shots, val_key)
             if not (folder / METRICS_FILE).is_file():
                 # no per-episode bars: folds run side by side and their bars would interleave
                 _evaluated(cfg, method, folder, val, split, shots, n_episodes, progress=False)
@@ -214,7 +218,8 @@ def run_evaluate(cfg: PipelineConfig, trained: TrainOutcome, extraction: Backbon
     """
     ws = workspace_of(cfg)
     e = cfg.evaluate
-    key = build_key("evaluate", cfg, trained.build_key, *(c.trained.build_key for c in compared))
+    val_key = labels_digest(cfg, "val")
+    key = build_key("evaluate", cfg, trained.build_key, val_key, *(c.trained.build_key for c in compared))
     out = ws.evaluation / key
     summary_path = out / "summary.json"
     if summary_path.is_file():
@@ -235,7 +240,7 @@ def run_evaluate(cfg: PipelineConfig, trained: TrainOutcome, extraction: Backbon
             split = fold_split(cfg.data.fold_scheme, fold, n_classes)
             for shots in e.shots:
                 for method in (m for m in methods if fold in m.folds):
-                    folder = _result_folder(cfg, method, fold, shots)
+                    folder = _result_folder(cfg, method, fold, shots, val_key)
                     m = _evaluated(cfg, method, folder, val, split, shots, n_episodes)
                     row = EvalRow(method.name, fold, shots, m["miou"], m["miou_std"], m["fbiou"], m["fbiou_std"],
                                   [s["miou"] for s in m["seeds"]], str(folder))

@@ -122,6 +122,21 @@ def labelled_rows(cfg: PipelineConfig, split: str) -> list[ManifestRow]:
     return [r for r in rows if r.status == "ok" and r.split == split and r.label_path]
 
 
+def labels_digest(cfg: PipelineConfig, *splits: str) -> str:
+    """16 hex digits naming the labelled images of ``splits``: each image's id and content hash,
+    and its label file's path, size and modification time (a corrected label changes them).
+    Keys of the stages that read labels (evaluation, training on real labels) include it."""
+    root = source_root(cfg)
+    digest = hashlib.sha256()
+    for split in splits:
+        for row in labelled_rows(cfg, split):
+            label = root / row.label_path
+            stat = label.stat() if label.is_file() else None
+            digest.update(json.dumps([split, row.image_id, row.sha256, row.label_path,
+                                      stat.st_size if stat else None, stat.st_mtime_ns if stat else None]).encode())
+    return digest.hexdigest()[:16]
+
+
 @task(name="ingest", retries=1)
 def ingest_task(config: dict, parent_run_id: str | None = None) -> IngestResult:
     return run_ingest(PipelineConfig.model_validate(config), parent_run_id)

@@ -6,6 +6,7 @@ Model selection never looks at the test fold's novel classes: held-out pseudo ep
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -24,14 +25,16 @@ from fss_core.models.fss.network import FSSModelConfig
 from fss_core.pseudo.task_index import PseudoTaskIndex
 from fss_core.training import TrainCallbacks, TrainSettings, load_model_weights, train
 from tasks.extract import BackboneRef, device_for
-from tasks.ingest import labelled_rows, training_rows
+from tasks.ingest import labelled_rows, labels_digest, training_rows
 from tasks.keys import build_key
 from tasks.pseudo import dataset_num_classes
 from tasks.tracking import flatten, stage_run
 from tasks.workspace import atomic_write_text, source_root, workspace_of
 
 log = logging.getLogger(__name__)
-TRAINING_RECORD = "training.json"  # in the bundle folder: what selected its weights, for a cached re-run
+# In the bundle folder: what selected its weights (for a cached re-run) and the workspace's training
+# images (id → sha256) when it was trained, from which a retrain tells which images are new.
+TRAINING_RECORD = "training.json"
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,18 @@ def _datasets(cfg: PipelineConfig):
     return train_set, val_set
 
 
+def _label_inputs(cfg: PipelineConfig) -> list[str]:
+    """What a model trained on real labels also depends on: the labelled images and their labels
+    (train for training, val for selection), and the label-fraction list it is restricted to."""
+    if cfg.train.mode == "unsupervised":
+        return []
+    inputs = [labels_digest(cfg, "train", "val")]
+    if cfg.train.label_fraction is not None:
+        path = source_root(cfg) / "lists" / f"train_{cfg.train.label_fraction}.txt"
+        inputs.append(hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing")
+    return inputs
+
+
 def initial_bundle(cfg: PipelineConfig, init_bundle: str | None) -> Path | None:
     """The model training starts from: the given bundle (retraining), the configured one, or, for
     finetune, the workspace's latest unsupervised model; None = fresh weights."""
@@ -120,7 +135,7 @@ def run_train(cfg: PipelineConfig, upstream_key: str, extraction: BackboneRef, p
     ws = workspace_of(cfg)
     t = cfg.train
     start = initial_bundle(cfg, init_bundle)
-    key = build_key("train", cfg, upstream_key, extraction.sha256, str(start) if start else None)
+    key = build_key("train", cfg, upstream_key, extraction.sha256, str(start) if start else None, *_label_inputs(cfg))
     bundle_dir = ws.models / f"{t.mode}-{key}"
     if (bundle_dir / "model.json").is_file():
         log.info("train: unchanged (build key %s), skipped", key)
@@ -161,7 +176,8 @@ def run_train(cfg: PipelineConfig, upstream_key: str, extraction: BackboneRef, p
         bundle_dir.mkdir(parents=True, exist_ok=True)  # the record first: model.json completes the bundle
         atomic_write_text(bundle_dir / TRAINING_RECORD, json.dumps(
             {"best_epoch": result.best_epoch, "best_score": _number(result.best_score),
-             "final_train_loss": _number(final_loss)}))
+             "final_train_loss": _number(final_loss),
+             "images": {r.image_id: r.sha256 for r in training_rows(cfg)}}))
         save_bundle(bundle_dir, model.cpu(), spec)
         mlflow.log_artifacts(str(bundle_dir), "bundle")
     log.info("train (%s): best epoch %s, validation score %s", t.mode, result.best_epoch, result.best_score)

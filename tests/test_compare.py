@@ -22,6 +22,7 @@ from tasks.compare import (
     prepare_compare,
 )
 from tasks.evaluate import EvalRow, comparison_csv, comparison_table
+from tasks.ingest import labels_digest
 from tasks.keys import build_key
 from tests.tiny_config import TINY
 
@@ -191,7 +192,7 @@ def test_compare_rows_for_every_method_and_fold_equal_their_metrics_and_are_cach
     for row in summary.rows:  # each model's results sit under its own key, whatever the table holds
         model_key = next((m.trained.build_key for m in r["compare"] if (m.method, m.fold) == (row.method, row.fold)),
                          r["train"].build_key)
-        assert Path(row.folder).parts[-4] == build_key("evaluate_result", cfg, model_key)
+        assert Path(row.folder).parts[-4] == build_key("evaluate_result", cfg, model_key, labels_digest(cfg, "val"))
     methods = ("unsupervised", "finetune_20", "supervised", "baseline")
     assert {(row.method, row.fold) for row in summary.rows} == {(m, f) for m in methods for f in (0, 1)}
     cells = _cells(summary.table)

@@ -104,6 +104,21 @@ def test_a_new_shot_count_scores_only_that_shot_count(workspace):
         (m, s) for m in ("unsupervised", "baseline") for s in (1, 2)}
 
 
+def test_a_corrected_val_label_is_scored_again(workspace):
+    """Evaluation reads the val labels: correcting one re-scores every result on them, while
+    the unsupervised model, which never reads a label, is kept."""
+    from fss_core.data.images import load_label, save_label
+
+    data = workspace / "data" / "synthetic"
+    first_val = (data / "lists" / "val.txt").read_text().split()[1]
+    label = load_label(data / first_val)
+    label[: label.shape[0] // 4] = 0  # the annotator removes the top quarter's objects
+    save_label(data / first_val, label)
+    r = _run(workspace)
+    assert r["train"].cached and not r["evaluate"].cached
+    assert r["evaluated_results"] == 2  # the model and the baseline, fold 0, 1 shot
+
+
 def test_changed_cluster_setting_reruns_cluster_and_later_stages_only(workspace):
     embeddings_before = _mtime(workspace / "embeddings.zarr")
     r = _run(workspace, "cluster.num_clusters=6")
@@ -143,6 +158,6 @@ def test_retrain_embeds_only_new_images_and_starts_from_the_champion(workspace):
     row = next(row for row in read_manifest(workspace / "manifest.jsonl") if row.split == "train")
     path = workspace / "data" / "synthetic" / row.path
     Image.fromarray(255 - np.asarray(Image.open(path).convert("RGB"))).save(path, quality=95)
-    changed = retrain(overrides=overrides)
+    changed = retrain(overrides=[*overrides, "retrain.min_new_fraction=0"])  # 1 image in 30 is enough
     assert changed["retrained"] is True and changed["new_images"] == 1 and changed["extracted"] == 1
     assert not changed["cluster"].cached and not changed["train"].cached
