@@ -27,6 +27,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 # so that changing them reuses the stored output.
 UNKEYED: dict[str, frozenset[str]] = {
     "train": frozenset({"num_workers", "decode_cache_mb"}),
+    # the masks depend on the Felzenszwalb settings alone; these shape the task index only
+    "pseudo": frozenset({"min_area", "background_span", "prior_max"}),
     # a result's folder names its fold and shot count: adding one leaves the others' results valid
     "evaluate_result": frozenset({"folds", "shots"}),
 }

@@ -105,10 +105,12 @@ def _datasets(cfg: PipelineConfig):
 
 def _label_inputs(cfg: PipelineConfig) -> list[str]:
     """What a model trained on real labels also depends on: the labelled images and their labels
-    (train for training, val for selection), and the label-fraction list it is restricted to."""
+    (train for training, val for selection), the area rule that picks its episodes' images, and
+    the label-fraction list it is restricted to."""
     if cfg.train.mode == "unsupervised":
         return []
-    inputs = [labels_digest(cfg, "train", "val")]
+    # the episodes' area rule (pseudo.min_area, scaled by pseudo.area_reference) picks their images
+    inputs = [labels_digest(cfg, "train", "val"), f"min_area={cfg.pseudo.min_area}@{cfg.pseudo.area_reference}"]
     if cfg.train.label_fraction is not None:
         path = source_root(cfg) / "lists" / f"train_{cfg.train.label_fraction}.txt"
         inputs.append(hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing")

@@ -179,6 +179,20 @@ def test_a_new_class_split_is_evaluated_again_but_keeps_the_pseudo_trained_model
             != build_key("train", load_config(None, ["data.fold_scheme=coco_consecutive", *supervised]), "t"))
 
 
+def test_task_index_settings_keep_the_pseudo_masks():
+    """Which pseudo-classes become tasks (area, span, prior size) is decided by the task index:
+    changing it rebuilds the index, not every mask; a Felzenszwalb setting rebuilds both."""
+    from tasks.keys import build_key
+
+    default = load_config()
+    for override in ("pseudo.min_area=4096", "pseudo.background_span=0.9", "pseudo.prior_max=5"):
+        changed = load_config(None, [override])
+        assert build_key("pseudo", changed, "c") == build_key("pseudo", default, "c"), override
+        assert build_key("task_index", changed, "p") != build_key("task_index", default, "p"), override
+    for override in ("pseudo.felzenszwalb_scale=300", "pseudo.area_reference=null"):
+        assert build_key("pseudo", load_config(None, [override]), "c") != build_key("pseudo", default, "c"), override
+
+
 def test_loading_settings_leave_the_trained_model_reusable():
     """How episodes are loaded (loader processes, decoded-image memory) changes no weight, so
     changing it must reuse the stored model; a setting that shapes the model must not."""
@@ -212,3 +226,25 @@ def test_the_wheel_ships_the_demo_config(tmp_path):
     from fss_cli.main import DEMO_CONFIG
 
     assert load_config(DEMO_CONFIG) == load_config(root / "configs" / "demo.yaml")
+
+
+def test_a_model_trained_on_labels_is_keyed_by_them_and_by_its_area_rule(tmp_path):
+    """A supervised model reads the train labels, selects on the val labels and picks episode
+    images by pseudo.min_area: a corrected label or another area gives another model."""
+    from fss_core.data.images import load_label, save_label
+    from tasks.ingest import run_ingest
+    from tasks.train import _label_inputs
+
+    base = [f"runtime.workspace={tmp_path / 'ws'}", "data.synthetic.images=16", "data.synthetic.classes=4",
+            "data.synthetic.size=48", "train.mode=supervised"]
+    cfg = load_config(None, base)
+    run_ingest(cfg)
+    before = _label_inputs(cfg)
+    assert _label_inputs(load_config(None, [*base, "pseudo.min_area=4096"])) != before
+    assert _label_inputs(load_config(None, [*base[:-1], "train.mode=unsupervised"])) == []
+    data = tmp_path / "ws" / "data" / "synthetic"
+    label_path = data / (data / "lists" / "train.txt").read_text().split()[1]
+    label = load_label(label_path)
+    label[:4] = 0
+    save_label(label_path, label)
+    assert _label_inputs(cfg) != before
