@@ -79,9 +79,14 @@ def run_cluster(cfg: PipelineConfig, embeddings_key: str, parent_run_id: str | N
         log.info("cluster: unchanged (build key %s), skipped", key)
         return cached
     c = cfg.cluster
-    parent = previous_centroids(cfg) if warm_start else None
-    init = parent[0] if parent is not None else "k-means++"
     emb = open_store(ws.embeddings, EMBEDDINGS)
+    parent = previous_centroids(cfg) if warm_start else None
+    if parent is not None and parent[0].shape != (c.num_clusters, emb["features"].shape[1]):
+        log.warning("cluster: the stored centroids are %s, this run fits %d clusters of %d channels; "
+                    "no warm start, k-means++ instead", "x".join(map(str, parent[0].shape)), c.num_clusters,
+                    emb["features"].shape[1])
+        parent = None
+    init = parent[0] if parent is not None else "k-means++"
     with stage_run(cfg, "cluster", parent_run_id, key), cluster_client() as client:
         x = valid_vectors(emb, sample_images=c.sample_images, seed=c.seed)
         sampled = len(clustering_images(emb, c.sample_images, c.seed))

@@ -16,7 +16,7 @@ from PIL import Image
 
 from fss_core.config import load_config
 from fss_core.data.synthetic import append_train_images
-from storage_schemas import EMBEDDINGS, open_store
+from storage_schemas import CLUSTERS, EMBEDDINGS, open_store
 from tasks.extract import extract_block, finish_extraction, prepare_extraction
 from tasks.ingest import run_ingest, training_rows
 from tasks.registry import RegisteredVersion
@@ -188,3 +188,17 @@ def test_images_a_registered_model_was_trained_on_are_no_longer_new(workspace, m
     if stage == "done":
         assert result["retrained"] is True and result["new_images"] == NEW
     assert new_images(cfg) == (0, known + NEW)
+
+
+def test_a_warm_start_from_centroids_of_another_k_starts_afresh(workspace):
+    """Retraining after cluster.num_clusters changed: the stored centroids cannot start the new
+    fit, so it starts from k-means++ (and says so) instead of failing."""
+    from tasks.cluster import run_cluster
+
+    cfg = _config(workspace)
+    plan, _ = _extract(cfg)
+    first = run_cluster(cfg, plan.output_key)
+    other_k = _config(workspace).model_copy(update={"cluster": cfg.cluster.model_copy(update={"num_clusters": 5})})
+    second = run_cluster(other_k, plan.output_key, warm_start=True)
+    assert (first.num_clusters, second.num_clusters) == (8, 5) and not second.cached
+    assert open_store(workspace / "clusters.zarr", CLUSTERS).attrs["warm_start_parent"] is None
