@@ -36,7 +36,7 @@ class SourceInWorkspaceError(ValueError):
 
 @dataclass(frozen=True)
 class Workspace:
-    """Paths of the durable artifacts (design.md, "Durable artifacts")."""
+    """Paths of the workspace's durable artifacts."""
 
     root: Path
 

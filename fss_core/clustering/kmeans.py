@@ -1,4 +1,4 @@
-"""L2 k-means of pixel embeddings on Dask (Stage B of docs/method.md).
+"""L2 k-means of pixel embeddings on Dask (Stage B of the pipeline).
 
 The features live in ``embeddings.zarr`` (``features[N, C, G, G]`` float16, ``valid_hw[N, 2]``,
 ``done[N]``). :func:`valid_vectors` turns the feature cells that cover image content into a lazy
@@ -180,7 +180,7 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def nearest_centroid_scores(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Reference assignment score map: features [C, h, w], centroids [K, C] -> [K, h, w] float32.
 
-    ``s_k = -(1 - 2<f, c_k> + ‖c_k‖²)`` (method.md §2): minus the squared distance for unit
+    ``s_k = -(1 - 2<f, c_k> + ‖c_k‖²)``: minus the squared distance for unit
     ``f``, so ``argmax_k`` is the nearest centroid. Pseudo masks upsample this map, then argmax.
     """
     channels, h, w = features.shape

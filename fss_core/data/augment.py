@@ -1,4 +1,4 @@
-"""Episode augmentations (method.md §3 step 4) and the deterministic evaluation transform.
+"""Episode augmentations and the deterministic evaluation transform.
 
 A sample travels as three aligned arrays: the image ``float32 [H, W, 3]`` on the 0..255
 scale, the label ``uint8 [H, W]`` (0 background, 1 foreground, 255 ignore) and the padding

@@ -307,7 +307,7 @@ class _EpisodeDataset(Dataset):
 
 
 class PseudoEpisodeDataset(_EpisodeDataset):
-    """Pseudo meta-tasks from a :class:`PseudoTaskIndex` (method.md §3).
+    """Pseudo meta-tasks from a :class:`PseudoTaskIndex`.
 
     One episode per query image per epoch. The query image picks one of its valid clusters
     at random; the ``shots`` supports are distinct images drawn uniformly from the

@@ -1,4 +1,4 @@
-"""Stage A: pixel embeddings of every image into ``embeddings.zarr`` (docs/method.md §1).
+"""Stage A: pixel embeddings of every image into ``embeddings.zarr``.
 
 Each image goes through the reference geometry (:func:`preprocess`): resized so its longer
 side is ``L``, both sides floored to a multiple of 8, pasted at the top-left of a black

@@ -1,4 +1,4 @@
-"""Stage B: pseudo masks — the nearest centroid of every pixel, snapped to superpixels (docs/method.md §2).
+"""Stage B: pseudo masks — the nearest centroid of every pixel, snapped to superpixels.
 
 For one image, the nearest-centroid scores of its **valid** feature cells only (the padding
 cells of the square canvas never reach the mask) are interpolated bilinearly to every pixel

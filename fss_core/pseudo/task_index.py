@@ -1,5 +1,5 @@
 """The pseudo task index: valid (image, cluster) occurrences, their prototypes, and the
-similarity prior that picks supports for each of them (method.md §2-3, Stage C).
+similarity prior that picks supports for each of them (Stage C).
 
 A cluster ``c`` is a valid pseudo-class of an image when
 

@@ -1,4 +1,4 @@
-"""The two optimisers of the FSS model and the SGD learning-rate schedule (method.md §5).
+"""The two optimisers of the FSS model and the SGD learning-rate schedule (see docs/training.md).
 
 - SGD (momentum, weight decay) on every trainable parameter outside the transformer; its
   learning rate follows :func:`poly_warmup_lr`, which multiplies the schedule by an explicit

@@ -1,4 +1,4 @@
-"""The training loop of the FSS model (method.md §5), with exact resume and model selection.
+"""The training loop of the FSS model, with exact resume and model selection (see docs/training.md).
 
 - Each iteration steps both optimisers on the dice loss; the SGD learning rate follows
   :func:`poly_warmup_lr` (warm-up over the first epoch, then poly, times ``sgd_lr_scale``).
