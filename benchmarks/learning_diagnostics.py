@@ -46,7 +46,6 @@ from fss_core.evaluation import protocol
 from fss_core.evaluation.baseline import PrototypeBaseline
 from fss_core.models.fss.bundle import load_bundle
 from fss_core.models.fss.network import prior_mask
-from tasks.evaluate import episode_min_area
 from tasks.pseudo import dataset_num_classes
 from tasks.train import _datasets, records
 
@@ -214,7 +213,6 @@ class CountingMetric(protocol.FewShotSegMetric):
 def novel_classes(cfg, predictors: dict, folds: list[int], episodes: int, image_size: int, out: Path) -> dict:
     val = records(cfg, "val")
     n_classes = dataset_num_classes(cfg)
-    min_area = episode_min_area(cfg, image_size)
     results = {}
     protocol.FewShotSegMetric = CountingMetric  # the protocol builds its metric by this name
     for name, predictor in predictors.items():
@@ -222,8 +220,8 @@ def novel_classes(cfg, predictors: dict, folds: list[int], episodes: int, image_
         per_fold = {}
         for fold in folds:
             split = fold_split(cfg.data.fold_scheme, fold, n_classes)
-            m = protocol.run_protocol(predictor, val, split, 1, episodes, [0], image_size, min_area,
-                                      out / name / f"fold{fold}")
+            m = protocol.run_protocol(predictor, val, split, 1, episodes, [0], image_size, cfg.evaluate.min_area,
+                                      out / name / f"fold{fold}", area_reference=cfg.evaluate.area_reference)
             per_fold[fold] = m["miou"]
         counts = np.array(CountingMetric.counts, dtype=float)
         results[name] = {"miou": per_fold, "mean": float(np.mean(list(per_fold.values()))),

@@ -13,7 +13,7 @@ from fss_core.evaluation.baseline import PrototypeBaseline
 from fss_core.evaluation.protocol import ModelPredictor, default_episodes, run_protocol
 from fss_core.models.backbones import build_backbone
 from fss_core.models.fss.bundle import load_bundle
-from tasks.evaluate import EvalRow, comparison_table, episode_min_area
+from tasks.evaluate import EvalRow, comparison_table
 from tasks.extract import BackboneRef, device_for, small_cnn_checkpoint
 from tasks.pseudo import dataset_num_classes
 from tasks.train import fss_backbone
@@ -71,15 +71,14 @@ def evaluate_standalone(cfg: PipelineConfig, bundle: Path | None, out: Path, pre
         raise SystemExit(f"no labelled val images under {source_root(cfg)}")
     e = cfg.evaluate
     n_episodes = e.episodes or default_episodes(cfg.data.fold_scheme)
-    min_area = episode_min_area(cfg, size)
     rows = []
     for fold in e.folds:
         split = fold_split(cfg.data.fold_scheme, fold, dataset_num_classes(cfg))
         for shots in e.shots:
             folder = out / f"fold{fold}" / f"{shots}shot"
-            m = run_protocol(predictor, records, split, shots, n_episodes, e.seeds, size, min_area, folder,
+            m = run_protocol(predictor, records, split, shots, n_episodes, e.seeds, size, e.min_area, folder,
                              predictions_dir=predictions_folder(predictions, fold, shots) if predictions else None,
-                             n_overlays=overlays, progress=cfg.runtime.progress)
+                             n_overlays=overlays, progress=cfg.runtime.progress, area_reference=e.area_reference)
             rows.append(EvalRow(method, fold, shots, m["miou"], m["miou_std"], m["fbiou"], m["fbiou_std"],
                                 [s["miou"] for s in m["seeds"]], str(folder)))
     table = comparison_table(rows)

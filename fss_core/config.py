@@ -154,8 +154,10 @@ class EvaluateConfig(_Section):
     baseline_threshold: float = Field(0.6, gt=0, lt=1, description="min-max normalised similarity threshold")
     overlays: int = Field(8, ge=0)
     min_area: int = Field(2048, ge=1, description="a novel class counts in a val image (to pick queries and "
-                          "supports) from this many px at 473x473 scale, scaled by image area; the protocol's "
-                          "2*32*32, independent of pseudo.min_area so pseudo-task settings never change the test set")
+                          "supports) from this many px of the original label: the protocol's 2*32*32, independent "
+                          "of pseudo.min_area so pseudo-task settings never change the test set")
+    area_reference: int | None = Field(473, ge=1, description="images whose longer side is shorter have min_area "
+                                       "scaled by (longer side / area_reference)^2; null = never scaled")
 
 
 LABEL_FRACTIONS = (5, 10, 20)  # % of the labelled train images in the lists train_{5,10,20}.txt

@@ -21,7 +21,6 @@ from fss_core.config import PipelineConfig
 from fss_core.data.folds import fold_split
 from fss_core.evaluation.baseline import PrototypeBaseline
 from fss_core.evaluation.protocol import (
-    DEFAULT_IMAGE_SIZE,
     METRICS_FILE,
     ModelPredictor,
     Predictor,
@@ -30,7 +29,6 @@ from fss_core.evaluation.protocol import (
 )
 from fss_core.models.backbones import build_backbone
 from fss_core.models.fss.bundle import load_bundle
-from fss_core.pseudo.task_index import scaled_min_area
 from tasks.compare import ComparedModel, method_label, method_order
 from tasks.extract import BackboneRef, device_for
 from tasks.ingest import labels_digest
@@ -269,12 +267,6 @@ def run_evaluate(cfg: PipelineConfig, trained: TrainOutcome, extraction: Backbon
     return summary
 
 
-def episode_min_area(cfg: PipelineConfig, size: int) -> int:
-    """``evaluate.min_area`` (defined at 473², the protocol's input size) scaled to an evaluation
-    input of ``size`` px: the area from which a novel class counts in a val image."""
-    return scaled_min_area(cfg.evaluate.min_area, DEFAULT_IMAGE_SIZE, size, size)
-
-
 def _evaluated(cfg: PipelineConfig, method: _Method, folder: Path, val, split, shots: int, n_episodes: int,
                progress: bool | None = None) -> dict:
     """The protocol's aggregate ``metrics.json`` in ``folder``: read back when there, else computed."""
@@ -283,9 +275,10 @@ def _evaluated(cfg: PipelineConfig, method: _Method, folder: Path, val, split, s
         return json.loads(done.read_text())
     e = cfg.evaluate
     predictor, size = method.predictor()
-    return run_protocol(predictor, val, split, shots, n_episodes, e.seeds, size, episode_min_area(cfg, size), folder,
+    return run_protocol(predictor, val, split, shots, n_episodes, e.seeds, size, e.min_area, folder,
                         n_overlays=e.overlays if method.overlays else 0,
-                        progress=cfg.runtime.progress if progress is None else progress)
+                        progress=cfg.runtime.progress if progress is None else progress,
+                        area_reference=e.area_reference)
 
 
 @task(name="evaluate-fold", task_run_name="evaluate-fold{fold}")

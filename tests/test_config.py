@@ -129,18 +129,17 @@ def test_cli_logging_hides_library_chatter_unless_debugging(monkeypatch):
 def test_evaluation_episodes_do_not_move_with_pseudo_task_settings():
     """The protocol's 2·32·32 px rule picks the test episodes; changing which pseudo-classes train
     the model (pseudo.min_area) must leave the test set, and so the baseline's score, alone."""
-    from tasks.evaluate import episode_min_area
     from tasks.keys import build_key
 
     default = load_config()
-    assert episode_min_area(default, 473) == 2048
-    assert episode_min_area(default, 129) == round(2048 * (129 / 473) ** 2) == 152
+    assert (default.evaluate.min_area, default.evaluate.area_reference) == (2048, 473)
     larger_pseudo = load_config(None, ["pseudo.min_area=12000"])
-    assert episode_min_area(larger_pseudo, 129) == 152
+    assert larger_pseudo.evaluate == default.evaluate
     assert build_key("evaluate", larger_pseudo, "m") == build_key("evaluate", default, "m")
     stricter = load_config(None, ["evaluate.min_area=4096"])
-    assert episode_min_area(stricter, 473) == 4096
     assert build_key("evaluate", stricter, "m") != build_key("evaluate", default, "m")
+    unscaled = load_config(None, ["evaluate.area_reference=null"])
+    assert build_key("evaluate_result", unscaled, "m") != build_key("evaluate_result", default, "m")
 
 
 def test_the_references_unscaled_areas_can_be_chosen():

@@ -343,3 +343,32 @@ def test_cli_save_predictions_needs_a_bundle_or_the_baseline(tmp_path):
                                       "--set", f"runtime.workspace={tmp_path / 'ws'}"])
     assert result.exit_code == 2
     assert "--save-predictions" in result.output
+
+
+def test_a_class_counts_from_the_protocols_area_in_full_size_images_and_a_scaled_one_in_small_ones():
+    """2·32·32 px of the original label on PASCAL-size images (longer side >= 473), the same
+    share of the canvas on smaller ones; never a function of the model's input size."""
+    from fss_core.evaluation.protocol import class_min_area
+
+    assert class_min_area(2048, 473, 375, 500) == 2048  # a PASCAL image: the protocol as published
+    assert class_min_area(2048, 473, 480, 640) == 2048  # COCO
+    assert class_min_area(2048, 473, 96, 128) == round(2048 * (128 / 473) ** 2) == 150
+    assert class_min_area(2048, None, 96, 128) == 2048
+    assert class_min_area(1, 473, 8, 8) == 1
+
+
+def test_episodes_on_small_images_use_the_scaled_area(tmp_path):
+    """On 64 px images the rule is 2048·(64/473)² = 37 px: a class of 40 px counts, one of 30 does not."""
+    records = []
+    for i, area in enumerate((40, 30, 40, 30, 40)):
+        label = np.zeros((48, 64), np.uint8)
+        label.ravel()[:area] = 1
+        label[-1, -1] = 2  # every image also holds class 2, too small to count anywhere
+        save_label(tmp_path / f"l{i}.png", label)
+        save_rgb(tmp_path / f"i{i}.png", np.zeros((48, 64, 3), np.uint8))
+        records.append(ImageRecord(f"im{i}", tmp_path / f"i{i}.png", tmp_path / f"l{i}.png", "val"))
+    specs = materialise_episodes(records, (1, 2), 1, 30, seed=0, min_area=2048, area_reference=473)
+    assert {s.query_id for s in specs} == {"im0", "im2", "im4"}
+    assert all(s.class_id == 1 and set(s.support_ids) <= {"im0", "im2", "im4"} for s in specs)
+    with pytest.raises(ValueError, match="no val image"):
+        materialise_episodes(records, (1, 2), 1, 5, seed=0, min_area=2048)  # unscaled: nothing counts

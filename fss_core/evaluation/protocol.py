@@ -1,4 +1,4 @@
-"""The few-shot evaluation protocol (PFENet family, docs/protocol.md) with materialised episodes.
+"""The few-shot evaluation protocol (PFENet family, docs/evaluation.md) with materialised episodes.
 
 One run of the protocol, for one fold, shot count and seed:
 
@@ -151,16 +151,35 @@ def default_episodes(dataset_scheme: str) -> int:
     return 5000 if scheme_for(dataset_scheme) in ("coco", "coco_consecutive") else 1000
 
 
-_AREA_CACHE: dict[tuple[str, int], dict[int, int]] = {}
+_AREA_CACHE: dict[tuple[str, int], tuple[dict[int, int], tuple[int, int]]] = {}
 
 
-def label_areas(label_path: str | os.PathLike) -> dict[int, int]:
-    """Pixel count of every class id in a label (0 and 255 left out); cached per file and mtime."""
+def label_areas(label_path: str | os.PathLike) -> tuple[dict[int, int], tuple[int, int]]:
+    """Pixel count of every class id in a label (0 and 255 left out), and the label's (H, W);
+    cached per file and mtime."""
     key = (str(label_path), os.stat(label_path).st_mtime_ns)
     if key not in _AREA_CACHE:
-        counts = np.bincount(load_label(label_path).ravel(), minlength=256)
-        _AREA_CACHE[key] = {int(c): int(counts[c]) for c in np.flatnonzero(counts) if c not in (0, IGNORE_LABEL)}
+        label = load_label(label_path)
+        counts = np.bincount(label.ravel(), minlength=256)
+        areas = {int(c): int(counts[c]) for c in np.flatnonzero(counts) if c not in (0, IGNORE_LABEL)}
+        _AREA_CACHE[key] = areas, (int(label.shape[0]), int(label.shape[1]))
     return _AREA_CACHE[key]
+
+
+def class_min_area(min_area: int, area_reference: int | None, h: int, w: int) -> int:
+    """Pixels of an ``h × w`` label from which a class counts in it (to be a query's or a
+    support's class).
+
+    ``min_area`` is the protocol's threshold in original pixels (2·32·32 on PASCAL-5i and
+    COCO-20i, whose images are about 500 px and larger). An image whose longer side is below
+    ``area_reference`` has it scaled by ``(longer side / area_reference)²``, so that a small
+    image's class counts from the same share of the canvas it is shown on; larger images keep
+    ``min_area`` as it is. ``area_reference=None`` never scales. The threshold depends on the
+    dataset only, never on a model's input size, so every model is scored on the same episodes.
+    """
+    if area_reference is None or max(h, w) >= area_reference:
+        return int(min_area)
+    return max(1, round(min_area * (max(h, w) / area_reference) ** 2))
 
 
 def materialise_episodes(
@@ -170,6 +189,7 @@ def materialise_episodes(
     n_episodes: int,
     seed: int,
     min_area: int = DEFAULT_MIN_AREA,
+    area_reference: int | None = None,
 ) -> list[EpisodeSpec]:
     """Draw exactly ``n_episodes`` test episodes, PFENet's way.
 
@@ -188,6 +208,8 @@ def materialise_episodes(
         n_episodes: episodes to draw.
         seed: the only source of randomness; the same seed gives the same episodes.
         min_area: minimum class area in pixels for queries and supports.
+        area_reference: scales ``min_area`` down for images smaller than it (see
+            :func:`class_min_area`); None applies ``min_area`` to every image, as the reference does.
     """
     if shots < 1 or n_episodes < 1:
         raise ValueError(f"shots and n_episodes must be >= 1, got shots={shots}, n_episodes={n_episodes}")
@@ -197,8 +219,9 @@ def materialise_episodes(
     for record in sorted(records, key=lambda r: r.image_id):
         if record.label_path is None:
             raise ValueError(f"image {record.image_id} ({record.image_path}) has no label; evaluation needs labels")
-        areas = label_areas(record.label_path)
-        large = [c for c in novel if areas.get(c, 0) >= min_area]
+        areas, (h, w) = label_areas(record.label_path)
+        threshold = class_min_area(min_area, area_reference, h, w)
+        large = [c for c in novel if areas.get(c, 0) >= threshold]
         for c in large:
             class_images[c].append(record.image_id)
         if large:
@@ -214,7 +237,8 @@ def materialise_episodes(
                     len(present) - len(choices), len(present), shots)
     if not choices:
         raise ValueError(
-            f"no val image holds a novel class of {novel} with >= {min_area} px and {shots} other support images"
+            f"no val image holds a novel class of {novel} with >= {min_area} px (scaled for images smaller than "
+            f"{area_reference} px: {area_reference is not None}) and {shots} other support images"
         )
     queries = sorted(choices)
     rng = np.random.default_rng(seed)
@@ -335,6 +359,7 @@ def run_protocol(
     predictions_dir: str | os.PathLike | None = None,
     n_overlays: int = 0,
     progress: bool = False,
+    area_reference: int | None = None,
 ) -> dict:
     """The protocol over several seeds for one fold and shot count.
 
@@ -345,7 +370,8 @@ def run_protocol(
     ``out_dir/metrics.json`` gets the aggregate, also returned: ``miou``/``fbiou`` (mean over
     seeds), ``miou_std``/``fbiou_std`` (population std, ddof = 0), ``per_class`` (mean over seeds),
     ``seeds`` (the per-seed results), ``shots``, ``fold``, ``dataset``, ``novel_classes``,
-    ``episodes``, ``image_size``, ``min_area``. IoUs are fractions; an undefined IoU is null.
+    ``episodes``, ``image_size``, ``min_area``, ``area_reference`` (the episodes' area rule, see
+    :func:`class_min_area`). IoUs are fractions; an undefined IoU is null.
     """
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be a non-empty list of distinct integers, got {list(seeds)}")
@@ -355,7 +381,7 @@ def run_protocol(
     per_seed = []
     for seed in seeds:
         seed_dir = out_dir / f"seed{seed}"
-        specs = materialise_episodes(records, novel, shots, n_episodes, seed, min_area)
+        specs = materialise_episodes(records, novel, shots, n_episodes, seed, min_area, area_reference)
         write_episodes(seed_dir / EPISODES_FILE, specs)
         result = evaluate_episodes(
             predictor, specs, records_by_id, image_size, novel, seed,
@@ -381,6 +407,7 @@ def run_protocol(
         "episodes": n_episodes,
         "image_size": image_size,
         "min_area": min_area,
+        "area_reference": area_reference,
     }
     _write_text(out_dir / METRICS_FILE, json.dumps(summary, indent=2) + "\n")
     log.info("fold %d, %d-shot over seeds %s: mIoU %s ± %s, FB-IoU %s ± %s", fold_split.fold, shots, list(seeds),
