@@ -118,3 +118,6 @@ def test_eval_transform_resizes_the_longer_side_and_pads_top_left():
     assert img.shape == (3, 64, 64)
     assert torch.all(mask[:32] == 1) and torch.all(mask[32:] == 255)  # 40x80 -> 32x64 on a 64 canvas
     assert torch.all(~padding[:32]) and torch.all(padding[32:])
+    # black outside the image, as the protocol pads before normalising (the extraction canvas too)
+    black = (0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(img[:, 32:, :], black[:, None, None].expand(3, 32, 64))

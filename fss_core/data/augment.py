@@ -182,7 +182,8 @@ class TrainTransform:
 
 class EvalTransform:
     """Deterministic: longer side → ``size`` (both sides floored to ×8), pasted top-left on a
-    ``size × size`` canvas; outside the image: mean colour, label 255, padding True."""
+    ``size × size`` canvas; outside the image: black (0 before normalisation, as the evaluation
+    protocol and the embedding extraction pad), label 255, padding True."""
 
     def __init__(self, size: int):
         self.size = size
@@ -195,8 +196,7 @@ class EvalTransform:
         new_wh = (geo.new_w, geo.new_h)
         resized = _image_op(np.asarray(image, dtype=np.float32), lambda im, _: im.resize(new_wh, Image.BILINEAR))
         resized_label = np.asarray(Image.fromarray(np.asarray(label, dtype=np.uint8)).resize(new_wh, Image.NEAREST))
-        canvas = np.empty((self.size, self.size, 3), dtype=np.float32)
-        canvas[:] = MEAN_RGB
+        canvas = np.zeros((self.size, self.size, 3), dtype=np.float32)
         canvas[:geo.new_h, :geo.new_w] = resized
         canvas_label = np.full((self.size, self.size), IGNORE_LABEL, dtype=np.uint8)
         canvas_label[:geo.new_h, :geo.new_w] = resized_label
