@@ -13,6 +13,7 @@ from fss_core.config import PipelineConfig
 from fss_core.pseudo.task_index import PseudoTaskIndex, build_task_index
 from fss_core.pseudo.masks import META_NAME
 from storage_schemas import (
+    EMBEDDINGS,
     TASKS,
     PseudoMasksMeta,
     StoreKeyError,
@@ -69,7 +70,8 @@ def run_task_index(cfg: PipelineConfig, pseudo_key: str, image_ids: list[str],
                             f"re-run the pseudo stage")
     p = cfg.pseudo
     with stage_run(cfg, "task_index", parent_run_id, key):
-        index = build_task_index(ws.pseudo_masks, ws.embeddings, image_ids, cfg.cluster.num_clusters,
+        embeddings = open_store(ws.embeddings, EMBEDDINGS)  # its schema checked, as every stage reads a store
+        index = build_task_index(ws.pseudo_masks, embeddings, image_ids, cfg.cluster.num_clusters,
                                  min_area=p.min_area, area_reference=p.area_reference,
                                  background_span=p.background_span, prior_max=p.prior_max, seed=cfg.cluster.seed)
         if index.num_occurrences == 0:
