@@ -52,7 +52,8 @@ def run_register(cfg: PipelineConfig, trained: TrainOutcome, evaluation: Evaluat
     if score_key is None:
         log.warning("register: no score for %s (no labelled val images and no validation episodes); "
                     "it is registered unscored", trained.bundle)
-    version = register_model(cfg, trained.bundle, metrics, parent_run_id, score_key=score_key)
+    version = register_model(cfg, trained.bundle, metrics, parent_run_id, score_key=score_key,
+                             bundle_key=trained.build_key)
     atomic_write_text(record, json.dumps(asdict(version)))
     return version
 

@@ -31,6 +31,7 @@ CHAMPION = "champion"
 CANDIDATE = "candidate"
 SCORE_TAG = "fss.score"
 SCORE_KEY_TAG = "fss.score_key"
+BUNDLE_TAG = "fss.bundle_key"  # the train build key of the bundle a version was registered from
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ def register_model(
     metrics: dict[str, float],
     parent_run_id: str | None = None,
     score_key: str | None = "miou_1shot",
+    bundle_key: str | None = None,
 ) -> RegisteredVersion:
     """Log ``bundle_dir`` as a pyfunc model in a ``register`` stage run and register it.
 
@@ -76,6 +78,10 @@ def register_model(
     against 5-shot mIoU, or a pseudo-episode score) do not rank each other: the champion then
     stays, and the log says why. ``score_key=None`` registers an unscored version, which becomes
     champion only where there is none.
+
+    ``bundle_key`` (the bundle's train build key) is recorded on the version; a bundle already
+    registered under it (by a run killed before it noted the version) is not registered again:
+    that version gets the aliases it should have.
     """
     score = None
     if score_key is not None:
@@ -86,13 +92,22 @@ def register_model(
             raise ValueError(f"metrics[{score_key!r}] must be a finite number to rank models, got {score}")
     name = registered_model_name(cfg)
     with stage_run(cfg, "register", parent_run_id):
-        mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
-        info = log_fss_model(bundle_dir)
-        tags = {SCORE_TAG: str(score), SCORE_KEY_TAG: score_key} if score_key is not None else {}
-        version = mlflow.register_model(info.model_uri, name, tags=tags)
         client = MlflowClient()
+        version = _registered_from(client, name, bundle_key)
+        if version is None:
+            mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
+            info = log_fss_model(bundle_dir)
+            tags = {SCORE_TAG: str(score), SCORE_KEY_TAG: score_key} if score_key is not None else {}
+            if bundle_key is not None:
+                tags[BUNDLE_TAG] = bundle_key
+            version = mlflow.register_model(info.model_uri, name, tags=tags)
+        else:
+            log.info("%s version %s was already registered from %s; not registered again", name, version.version,
+                     bundle_dir)
         client.set_registered_model_alias(name, CANDIDATE, version.version)
         champion = _champion_version(client, name)
+        if champion is not None and champion.version == version.version:
+            champion = None  # it already is the champion
         best = _score_of(champion) if champion is not None else None
         best_key = champion.tags.get(SCORE_KEY_TAG) if champion is not None else None
         comparable = best is not None and score is not None and best_key == score_key
@@ -110,6 +125,17 @@ def register_model(
                  "unscored" if score is None else f"{score_key} = {score:.4f}",
                  "none" if best is None else f"{best:.4f}", "new champion" if is_champion else "champion unchanged")
     return RegisteredVersion(name, int(version.version), f"models:/{name}/{version.version}", score, is_champion)
+
+
+def _registered_from(client: MlflowClient, name: str, bundle_key: str | None) -> ModelVersion | None:
+    """The version registered from the bundle with ``bundle_key``, if there is one."""
+    if bundle_key is None:
+        return None
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.`{BUNDLE_TAG}` = '{bundle_key}'")
+    except MlflowException:  # no such registered model yet
+        return None
+    return min(found, key=lambda v: int(v.version)) if found else None
 
 
 def champion_score(cfg: PipelineConfig) -> float | None:

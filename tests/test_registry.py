@@ -230,3 +230,20 @@ def test_scores_under_different_keys_never_rank_each_other(workspace, tmp_path):
     assert int(client.get_model_version_by_alias(name, "champion").version) == first.version
     assert int(client.get_model_version_by_alias(name, "candidate").version) == one_shot.version
     assert client.get_model_version(name, str(pseudo.version)).tags["fss.score_key"] == "val_score"
+
+
+def test_a_bundle_registered_by_a_killed_run_is_not_registered_twice(workspace, tmp_path):
+    """A run killed after MLflow registered the bundle but before the bundle noted its version:
+    the re-run finds the version by the bundle's key instead of adding a second one."""
+    cfg = load_config(None, [f"runtime.workspace={workspace}", "runtime.experiment=fss-registry-rerun"])
+    name = registered_model_name(cfg)
+    bundle = tiny_bundle(tmp_path / "b", seed=30)
+    with pipeline_run(cfg, run_name="registry-rerun") as parent:
+        first = register_model(cfg, bundle, {"miou_1shot": 0.4}, parent.info.run_id, bundle_key="k1")
+        again = register_model(cfg, bundle, {"miou_1shot": 0.4}, parent.info.run_id, bundle_key="k1")
+        other = register_model(cfg, tiny_bundle(tmp_path / "c", seed=31), {"miou_1shot": 0.3}, parent.info.run_id,
+                               bundle_key="k2")
+    client = MlflowClient()
+    assert again.version == first.version == 1 and again.is_champion and other.version == 2
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+    assert int(client.get_model_version_by_alias(name, "champion").version) == 1
