@@ -121,6 +121,15 @@ class TrainConfig(_Section):
     fg_prototypes: int = 20
     bg_prototypes: int = 50
     support_self_attention: bool = False
+    dice_ignores_void: bool = Field(
+        True, description="leave label-255 and padding pixels out of the dice loss; false = count them with "
+                          "a target of 0 in both channels, as the reference")
+    mask_empty_prototypes: bool = Field(
+        True, description="mask empty Hamming clusters out of the cross-attention; false = attend them as "
+                          "zero prototypes, as the reference")
+    distinct_supports: bool = Field(
+        True, description="pseudo episodes with shots > 1 get distinct support images; false = drawn with "
+                          "replacement from the similarity prior, as the reference (never the query)")
     adapter_layers: list[Literal["layer2", "layer3", "layer4"]] = Field(
         ["layer2", "layer3"], min_length=1,
         description="backbone maps the adapters read; the reference's layer2+3 suit ImageNet ResNets")

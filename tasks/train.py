@@ -54,7 +54,8 @@ def model_spec(cfg: PipelineConfig, backbone: str) -> ModelSpec:
         hidden=t.hidden, heads=t.heads, layers=t.layers, ffn=t.ffn, fg_prototypes=t.fg_prototypes,
         bg_prototypes=t.bg_prototypes, support_self_attention=t.support_self_attention,
         adapter_layers=tuple(t.adapter_layers), adapter_dropout=t.adapter_dropout,
-        prototype_prior=t.prototype_prior, prototype_prior_layers=tuple(t.prototype_prior_layers)))
+        prototype_prior=t.prototype_prior, prototype_prior_layers=tuple(t.prototype_prior_layers),
+        mask_empty_prototypes=t.mask_empty_prototypes))
 
 
 def fss_backbone(cfg: PipelineConfig, extraction: BackboneRef) -> tuple[str, str | None]:
@@ -93,8 +94,9 @@ def _datasets(cfg: PipelineConfig):
         train_index, held_index = index.split_holdout(t.val_fraction, seed=t.seed)
         root = source_root(cfg)
         paths = {r.image_id: root / r.path for r in training_rows(cfg)}
-        return (PseudoEpisodeDataset(train_index, paths, ws.pseudo_masks, **common),
-                PseudoEpisodeDataset(held_index, paths, ws.pseudo_masks, **common))
+        pseudo = dict(common, distinct_supports=t.distinct_supports)
+        return (PseudoEpisodeDataset(train_index, paths, ws.pseudo_masks, **pseudo),
+                PseudoEpisodeDataset(held_index, paths, ws.pseudo_masks, **pseudo))
     split = fold_split(cfg.data.fold_scheme, t.fold, dataset_num_classes(cfg))
     area = dict(min_area=cfg.pseudo.min_area, area_reference=cfg.pseudo.area_reference)
     train_set = SupervisedEpisodeDataset(records(cfg, "train"), split.base, image_ids=label_fraction_ids(cfg),
@@ -162,7 +164,8 @@ def run_train(cfg: PipelineConfig, upstream_key: str, extraction: BackboneRef, p
                              checkpoint_dir=ws.models / f"{t.mode}-{key}.checkpoints", sgd_lr_scale=t.sgd_lr_scale,
                              momentum=t.momentum, weight_decay=t.weight_decay, power=t.power,
                              transformer_lr=t.transformer_lr, transformer_weight_decay=t.transformer_weight_decay,
-                             seed=t.seed, device=device_for(cfg), amp=t.amp, num_workers=t.num_workers)
+                             seed=t.seed, device=device_for(cfg), amp=t.amp, num_workers=t.num_workers,
+                             dice_ignores_void=t.dice_ignores_void)
     with stage_run(cfg, stage, parent_run_id, key):
         mlflow.set_tags({"train.mode": t.mode, "train.backbone": name})
         if stage != "train":  # stage_run logs the train section only for the stage named train

@@ -247,3 +247,30 @@ def test_a_model_trained_on_labels_is_keyed_by_them_and_by_its_area_rule(tmp_pat
     label[:4] = 0
     save_label(label_path, label)
     assert _label_inputs(cfg) != before
+
+
+def test_reference_behaviour_switches_default_to_the_fixes_and_reach_the_model_and_episodes(monkeypatch):
+    from types import SimpleNamespace
+
+    import tasks.train as train_stage
+    from tasks.keys import build_key
+
+    default = load_config()
+    switches = ("dice_ignores_void", "mask_empty_prototypes", "distinct_supports")
+    assert all(getattr(default.train, name) is True for name in switches)
+    reference = load_config(None, [f"train.{name}=false" for name in switches])
+    assert train_stage.model_spec(default, "small_cnn").config.mask_empty_prototypes is True
+    assert train_stage.model_spec(reference, "small_cnn").config.mask_empty_prototypes is False
+    for name in switches:  # each shapes the trained model, so each is part of the train key
+        changed = load_config(None, [f"train.{name}=false"])
+        assert build_key("train", changed, "t") != build_key("train", default, "t"), name
+
+    index = SimpleNamespace(split_holdout=lambda fraction, seed: ("train index", "held index"))
+    monkeypatch.setattr(train_stage.PseudoTaskIndex, "load", lambda path: index)
+    monkeypatch.setattr(train_stage, "workspace_of", lambda cfg: SimpleNamespace(tasks="t", pseudo_masks="m"))
+    monkeypatch.setattr(train_stage, "source_root", lambda cfg: Path("/data"))
+    monkeypatch.setattr(train_stage, "training_rows", lambda cfg: [])
+    monkeypatch.setattr(train_stage, "PseudoEpisodeDataset", lambda index, paths, masks, **kwargs: kwargs)
+    for cfg, expected in ((default, True), (reference, False)):
+        train_set, held_set = train_stage._datasets(cfg)
+        assert train_set["distinct_supports"] is expected and held_set["distinct_supports"] is expected

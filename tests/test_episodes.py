@@ -347,3 +347,25 @@ def test_supervised_rejects_unknown_subset_ids_and_unlabelled_records(labelled):
     unlabelled = [ImageRecord("u", records[0].image_path, None, None)]
     with pytest.raises(ValueError, match="no label_path"):
         SupervisedEpisodeDataset(unlabelled, classes=[1])
+
+
+def test_pseudo_supports_can_repeat_like_the_reference_when_distinct_supports_is_off(pseudo_data):
+    index, paths, mask_dir, _ = pseudo_data
+    reference = PseudoEpisodeDataset(index, paths, mask_dir, shots=5, distinct_supports=False, **NO_AUG)
+    rng = np.random.default_rng(0)
+    repeated = 0
+    for _ in range(20):
+        for row in np.flatnonzero(np.isin(index.occ_cluster, (1, 2))):
+            supports = reference.support_occurrences(int(row), rng)
+            assert len(supports) == 5 and set(supports.tolist()) <= set(index.prior(int(row)).tolist())
+            assert index.occ_image[row] not in index.occ_image[supports]
+            repeated += len(set(supports.tolist())) < 5
+    assert repeated > 0  # drawn with replacement: this seed repeats a support
+    episodes = [reference[i] for i in range(len(reference))]
+    assert all(e.query_id not in e.support_ids for e in episodes)
+    assert any(len(set(e.support_ids)) < 5 for e in episodes if e.class_id in (1, 2))  # clusters of >= 6 images
+
+    one_shot = [PseudoEpisodeDataset(index, paths, mask_dir, shots=1, distinct_supports=flag, **NO_AUG)
+                for flag in (True, False)]
+    for i in range(len(one_shot[0])):  # one shot: both settings draw the same support
+        assert one_shot[0][i].support_ids == one_shot[1][i].support_ids

@@ -433,3 +433,82 @@ def test_prototype_prior_adds_one_merge_input_and_runs():
     assert logits.shape == (2, 2, 33, 33) and torch.isfinite(logits).all()
     with pytest.raises(ValueError, match="prototype_prior_layers"):
         FSSModelConfig(prototype_prior_layers=("layer9",))
+
+
+# ---------------------------------------------------------------- switches back to the reference's behaviour
+
+
+def test_dice_loss_counts_void_pixels_like_the_reference_when_switched_off():
+    logits = torch.zeros(1, 2, 1, 3)  # sigmoid = 0.5 everywhere
+    target = torch.tensor([[[0, 1, 255]]])
+    padding = torch.tensor([[[False, False, True]]])
+    # every pixel counts, the 255 pixel with target 0 in both channels:
+    # per channel 1 - 2*0.5 / (3*0.25 + 1) = 3/7; padding is not used
+    assert dice_loss(logits, target, ignore_void=False).item() == pytest.approx(6 / 7, abs=1e-6)
+    assert dice_loss(logits, target, padding, ignore_void=False).item() == pytest.approx(6 / 7, abs=1e-6)
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 6, 6, generator=g)
+    target = torch.randint(0, 2, (2, 6, 6), generator=g)
+    no_void = dice_loss(logits, target, ignore_void=False)
+    assert torch.equal(no_void, dice_loss(logits, target))  # without void pixels both settings agree exactly
+    target[:, 0] = 255
+    padding = torch.zeros(2, 6, 6, dtype=torch.bool)
+    padding[:, :, -2:] = True
+    target[padding] = 255  # the episode datasets label padding 255
+    changed = logits.clone()
+    changed[:, :, 0] = 50.0
+    changed[:, :, :, -2:] = -50.0
+    on = [dice_loss(x, target, padding).item() for x in (logits, changed)]
+    off = [dice_loss(x, target, padding, ignore_void=False).item() for x in (logits, changed)]
+    assert on[0] == pytest.approx(on[1])  # void predictions are left out ...
+    assert off[0] != pytest.approx(off[1])  # ... or counted, as in the reference
+    one_hot = torch.stack([target == 0, target == 1], dim=1).float()
+    probs = torch.sigmoid(logits)
+    expected = (1 - 2 * (probs * one_hot).sum((2, 3)) / ((probs**2).sum((2, 3)) + one_hot.sum((2, 3)))).sum(1).mean()
+    assert off[0] == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_empty_clusters_stay_valid_zero_prototypes_when_masking_is_off():
+    group_a, group_b = torch.tensor([5.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, -5.0])
+    tokens = torch.stack([group_a] * 4 + [group_b] * 6)
+    masked, valid = cluster_prototypes(tokens, 5, 32, 10, torch.Generator().manual_seed(0))
+    kept, all_valid = cluster_prototypes(tokens, 5, 32, 10, torch.Generator().manual_seed(0), mask_empty=False)
+    assert valid.sum() == 2 and all_valid.all()  # three empty clusters: masked only when on
+    assert torch.equal(masked, kept) and torch.all(kept[~valid] == 0)
+    few, few_valid = cluster_prototypes(tokens[:3], 5, 32, 10, mask_empty=False)
+    assert few_valid.tolist() == [True] * 3 + [False] * 2  # unused slots stay masked either way
+
+    features = torch.randn(1, 1, 4, 3, 3)
+    foreground = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
+    foreground[0, 0, 0] = True
+    features[0, 0, :, 0] = torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None]  # 3 identical fg tokens, 2 fg slots
+    padding = torch.zeros_like(foreground)
+    on = support_prototypes(features, foreground, padding, 2, 6, 32, 10, torch.Generator().manual_seed(1))
+    off = support_prototypes(features, foreground, padding, 2, 6, 32, 10, torch.Generator().manual_seed(1),
+                             mask_empty=False)
+    assert on[1].sum() == 1 and not off[1].any()
+    assert torch.equal(on[0], off[0])
+
+
+def test_the_network_attends_empty_clusters_only_when_masking_is_off():
+    query, support, masks, _ = toy_episode(1, batch=1)
+    flat = torch.zeros_like(support)  # identical support tokens: most bg clusters stay empty
+    logits = {}
+    for flag in (True, False):
+        model = make_model(mask_empty_prototypes=flag).eval()  # the same weights: the switch adds none
+        assert model.transformer.mask_empty_prototypes is flag
+        with torch.no_grad():
+            logits[flag] = model(query, flat, masks, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(logits[True], logits[False])
+
+
+def test_a_model_spec_saved_before_the_empty_cluster_switch_loads_with_masking_on():
+    import json
+
+    from fss_core.models.fss.bundle import ModelSpec
+
+    raw = json.loads(ModelSpec("small_cnn", 41, TINY).to_json())
+    del raw["config"]["mask_empty_prototypes"]
+    spec = ModelSpec.from_json(json.dumps(raw))
+    assert spec.config.mask_empty_prototypes is True and spec == ModelSpec("small_cnn", 41, TINY)

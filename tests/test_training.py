@@ -360,3 +360,28 @@ def test_persistent_worker_processes_give_the_epochs_of_no_workers(tmp_path):
         runs.append((model.state_dict(), without_seconds(result.history)))
     assert_same_weights(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]
+
+
+def test_the_dice_switch_reaches_the_training_and_validation_loss(tmp_path):
+    histories = {}
+    for flag in (True, False):
+        result = train(make_model(), ToyEpisodes(4), ToyEpisodes(2, seed=1),
+                       settings(tmp_path / str(flag), epochs=1, dice_ignores_void=flag), progress=False)
+        histories[flag] = result.history[0]
+    assert histories[True]["train_loss"] != pytest.approx(histories[False]["train_loss"])
+    assert histories[True]["val_loss"] != pytest.approx(histories[False]["val_loss"])
+
+
+def test_a_checkpoint_that_predates_a_setting_resumes_with_its_default(tmp_path):
+    """A last.pt written before a setting existed resumes when the setting has its default value
+    (what that run used), and is refused when it does not."""
+    model = make_model()
+    train(model, ToyEpisodes(4), None, settings(tmp_path, epochs=1), progress=False)
+    last = tmp_path / "ckpt" / "last.pt"
+    saved = read_checkpoint(last)
+    del saved["settings"]["dice_ignores_void"]
+    save_checkpoint(saved, last)
+    train(make_model(), ToyEpisodes(4), None, settings(tmp_path, epochs=1), progress=False)  # resumes
+    with pytest.raises(ValueError, match="dice_ignores_void"):
+        train(make_model(), ToyEpisodes(4), None, settings(tmp_path, epochs=1, dice_ignores_void=False),
+              progress=False)

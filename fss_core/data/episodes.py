@@ -13,7 +13,8 @@ When too few distinct candidates exist the pool is widened (pseudo: other member
 cluster beyond the similarity prior); if the whole pool is still smaller than ``S``, supports
 are drawn with replacement and this is logged once per class. Classes with no image other
 than the query cannot form an episode, so such (image, class) pairs are never chosen as
-queries.
+queries. Pseudo episodes with ``distinct_supports=False`` instead draw their supports with
+replacement from the similarity prior, as the reference did (still never the query image).
 """
 
 from __future__ import annotations
@@ -314,13 +315,19 @@ class PseudoEpisodeDataset(_EpisodeDataset):
     similarity prior of that (image, cluster) occurrence. Masks are 1 where the pseudo mask
     (``mask_dir/{image_id}.png``) equals the cluster. Only clusters with at least two
     images can form an episode; images whose clusters are all singletons are not queries.
+
+    ``distinct_supports=False`` reproduces the reference's sampler: with ``shots > 1`` the
+    supports are drawn uniformly *with replacement* from the prior, so one image can appear
+    several times in an episode; the query image is still never a support. With one shot both
+    settings draw the same support.
     """
 
     def __init__(self, index: PseudoTaskIndex, image_paths: Mapping[str, str | os.PathLike],
                  mask_dir: str | os.PathLike, shots: int = 1, size: int = 473,
                  scale_range: tuple[float, float] = (0.9, 1.1), rotate_degrees: float = 10.0, seed: int = 0,
-                 decode_cache_mb: float = DECODE_CACHE_MB):
+                 decode_cache_mb: float = DECODE_CACHE_MB, distinct_supports: bool = True):
         super().__init__(shots, size, scale_range, rotate_degrees, seed, train=True, decode_cache_mb=decode_cache_mb)
+        self.distinct_supports = distinct_supports
         self.index = index
         self.mask_dir = Path(mask_dir)
         counts = np.bincount(index.occ_cluster.astype(np.int64), minlength=index.num_clusters)
@@ -342,12 +349,18 @@ class PseudoEpisodeDataset(_EpisodeDataset):
         return len(self._query_occurrences)
 
     def support_occurrences(self, occurrence: int, rng: np.random.Generator) -> np.ndarray:
-        """``[shots]`` occurrence rows supporting ``occurrence``: distinct images, never its own."""
+        """``[shots]`` occurrence rows supporting ``occurrence``: distinct images, never its own.
+
+        With ``distinct_supports=False`` and ``shots > 1``, drawn with replacement from the prior
+        (the reference); an empty prior falls back to the distinct draw from other cluster members.
+        """
         index = self.index
         cluster = int(index.occ_cluster[occurrence])
         own_image = index.occ_image[occurrence]
         prior = index.prior(occurrence)
         prior = prior[index.occ_image[prior] != own_image]
+        if not self.distinct_supports and self.shots > 1 and len(prior) > 0:
+            return rng.choice(prior, self.shots, replace=True)
         members = self._members[cluster]
         others = members[(index.occ_image[members] != own_image) & ~np.isin(members, prior)]
         return _draw_distinct(prior, others, self.shots, rng, self._warned, cluster)

@@ -71,6 +71,7 @@ class TrainSettings:
     amp: bool = True
     num_workers: int = 0
     val_every: int = 1
+    dice_ignores_void: bool = True
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "val_every"):
@@ -192,6 +193,7 @@ def validate(
     seed: int,
     dtype: torch.dtype | None = None,
     num_workers: int = 0,
+    dice_ignores_void: bool = True,
 ) -> tuple[float, float]:
     """Mean dice loss and foreground mIoU of ``model`` on the episodes of ``dataset``.
 
@@ -214,7 +216,8 @@ def validate(
         batch = batch.to(device, non_blocking=True)
         logits = _forward(model, batch, dtype, device.type == "cuda", generator)
         size = batch.query_img.shape[0]
-        loss_sum += float(dice_loss(logits, batch.query_mask, batch.query_padding)) * size
+        loss = dice_loss(logits, batch.query_mask, batch.query_padding, ignore_void=dice_ignores_void)
+        loss_sum += float(loss) * size
         count += size
         valid = (batch.query_mask != IGNORE_LABEL) & ~batch.query_padding
         predicted = (logits.argmax(1) == 1) & valid
@@ -232,9 +235,12 @@ def validate(
 
 
 def _check_resume(saved: dict[str, Any], settings: TrainSettings, steps_per_epoch: int, path: Path) -> None:
-    """Refuse to resume a run whose trajectory-relevant settings or epoch length differ."""
+    """Refuse to resume a run whose trajectory-relevant settings or epoch length differ. A setting
+    the saved run predates counts as its default, which is what that run used."""
     current = settings.to_dict()
-    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved["settings"].get(k) != current[k])
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings) if f.default is not dataclasses.MISSING}
+    changed = sorted(k for k in current
+                     if k not in RESUMABLE_CHANGES and saved["settings"].get(k, defaults.get(k)) != current[k])
     if saved["steps_per_epoch"] != steps_per_epoch:
         changed.append(f"iterations per epoch ({saved['steps_per_epoch']} → {steps_per_epoch})")
     if changed:
@@ -324,7 +330,8 @@ def train(
                     group["lr"] = sgd_lr
                 batch = batch.to(device, non_blocking=True)
                 logits = _forward(model, batch, dtype, channels_last)
-                loss = dice_loss(logits, batch.query_mask, batch.query_padding)
+                loss = dice_loss(logits, batch.query_mask, batch.query_padding,
+                                 ignore_void=settings.dice_ignores_void)
                 value = loss.detach().item()
                 if not math.isfinite(value):
                     raise FloatingPointError(f"train: loss is {value} at epoch {epoch}, iteration {global_it}")
@@ -342,7 +349,8 @@ def train(
                                          "transformer_lr": adamw.param_groups[0]["lr"]}
             if val_dataset is not None and ((epoch + 1) % settings.val_every == 0 or epoch + 1 == settings.epochs):
                 metrics["val_loss"], metrics["val_miou"] = validate(model, val_dataset, settings.batch_size, device,
-                                                                    settings.seed, dtype, settings.num_workers)
+                                                                    settings.seed, dtype, settings.num_workers,
+                                                                    settings.dice_ignores_void)
                 if best_score is None or metrics["val_miou"] > best_score:
                     best_epoch, best_score = epoch, metrics["val_miou"]
                     save_checkpoint({"model": model.state_dict(), "epoch": epoch, "score": best_score,

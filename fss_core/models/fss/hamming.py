@@ -79,7 +79,12 @@ def hamming_kmeans(
 
 
 def cluster_prototypes(
-    tokens: torch.Tensor, k: int, bits: int, iterations: int, generator: torch.Generator | None = None
+    tokens: torch.Tensor,
+    k: int,
+    bits: int,
+    iterations: int,
+    generator: torch.Generator | None = None,
+    mask_empty: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compress tokens into at most k cluster means (un-normalised).
 
@@ -90,10 +95,12 @@ def cluster_prototypes(
 
     Args:
         tokens: ``[L, C]`` (L may be 0).
+        mask_empty: mark empty clusters invalid (the fix). With False they stay valid zero
+            prototypes, as in the reference. Unused slots (at most k tokens) are invalid either way.
 
     Returns:
-        prototypes ``[k, C]`` (zeros in unused slots) and valid ``[k]`` bool (False for unused
-        slots and empty clusters).
+        prototypes ``[k, C]`` (zeros in unused slots and empty clusters) and valid ``[k]`` bool
+        (False for unused slots, and for empty clusters when ``mask_empty``).
     """
     n_tokens, channels = tokens.shape
     device = tokens.device
@@ -108,6 +115,8 @@ def cluster_prototypes(
     members = F.one_hot(assignment, k).to(tokens.dtype)  # [L, k]
     counts = members.sum(0)
     prototypes = members.T @ tokens / (counts[:, None] + COUNT_EPS)
+    if not mask_empty:
+        return prototypes, torch.ones(k, dtype=torch.bool, device=device)
     return prototypes, counts > 0
 
 
@@ -143,6 +152,7 @@ def support_prototypes(
     bits: int,
     iterations: int,
     generator: torch.Generator | None = None,
+    mask_empty: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fg/bg prototypes of each episode's support tokens (all shots pooled).
 
@@ -156,11 +166,12 @@ def support_prototypes(
         fg_prototypes, bg_prototypes: slots for fg and bg prototypes.
         bits: SimHash code length.
         iterations: Hamming k-means iterations.
+        mask_empty: mark empty clusters invalid (see :func:`cluster_prototypes`).
 
     Returns:
         prototypes ``[B, fg_prototypes + bg_prototypes, C]``, L2-normalised, fg slots first;
-        invalid ``[B, fg_prototypes + bg_prototypes]`` bool, True for unused slots and empty
-        clusters.
+        invalid ``[B, fg_prototypes + bg_prototypes]`` bool, True for unused slots, and for
+        empty clusters when ``mask_empty``.
     """
     batch, shots, channels, h, w = features.shape
     if foreground.shape != (batch, shots, h, w) or padding.shape != (batch, shots, h, w):
@@ -174,8 +185,8 @@ def support_prototypes(
     prototypes, valid = [], []
     for b in range(batch):
         fg_tokens, bg_tokens = tokens[b][foreground[b] & keep[b]], tokens[b][~foreground[b] & keep[b]]
-        fg, fg_valid = cluster_prototypes(fg_tokens, fg_prototypes, bits, iterations, generator)
-        bg, bg_valid = cluster_prototypes(bg_tokens, bg_prototypes, bits, iterations, generator)
+        fg, fg_valid = cluster_prototypes(fg_tokens, fg_prototypes, bits, iterations, generator, mask_empty)
+        bg, bg_valid = cluster_prototypes(bg_tokens, bg_prototypes, bits, iterations, generator, mask_empty)
         prototypes.append(torch.cat([fg, bg]))
         valid.append(torch.cat([fg_valid, bg_valid]))
     return F.normalize(torch.stack(prototypes), dim=-1), ~torch.stack(valid)

@@ -23,7 +23,9 @@ HEAD_DROPOUT = 0.1
 
 @dataclasses.dataclass(frozen=True)
 class FSSModelConfig:
-    """Hyper-parameters of :class:`FSSNetwork`; the defaults are the reference's."""
+    """Hyper-parameters of :class:`FSSNetwork`; the defaults are the reference's, except
+    ``mask_empty_prototypes`` (True: empty Hamming clusters are masked out of the cross-attention;
+    False: they are attended as zero prototypes, as in the reference)."""
 
     hidden: int = 256
     heads: int = 8
@@ -40,6 +42,7 @@ class FSSModelConfig:
     adapter_dropout: float = 0.5
     prototype_prior: bool = False
     prototype_prior_layers: tuple[str, ...] = ("layer3", "layer4")
+    mask_empty_prototypes: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapter_layers", tuple(self.adapter_layers))
@@ -204,6 +207,7 @@ class FSSNetwork(nn.Module):
             hash_bits=self.config.hash_bits,
             kmeans_iterations=self.config.kmeans_iterations,
             support_self_attention=self.config.support_self_attention,
+            mask_empty_prototypes=self.config.mask_empty_prototypes,
         )
         self.head = nn.Sequential(
             nn.Conv2d(hidden, hidden, kernel_size=3, padding=1, bias=False),

@@ -125,6 +125,8 @@ class ProtoTransformer(nn.Module):
         kmeans_iterations: Hamming k-means iterations.
         support_self_attention: when True, support tokens go through ``layers`` deformable
             self-attention blocks before the prototypes are built from them.
+        mask_empty_prototypes: when True, empty Hamming clusters are masked out of the
+            cross-attention; when False they are attended as zero prototypes (the reference).
     """
 
     def __init__(
@@ -140,12 +142,14 @@ class ProtoTransformer(nn.Module):
         hash_bits: int,
         kmeans_iterations: int,
         support_self_attention: bool,
+        mask_empty_prototypes: bool = True,
     ) -> None:
         super().__init__()
         self.fg_prototypes = fg_prototypes
         self.bg_prototypes = bg_prototypes
         self.hash_bits = hash_bits
         self.kmeans_iterations = kmeans_iterations
+        self.mask_empty_prototypes = mask_empty_prototypes
         self.query_layers = nn.ModuleList(
             ProtoTransformerLayer(dim, heads, points, ffn, dropout) for _ in range(layers)
         )
@@ -194,6 +198,7 @@ class ProtoTransformer(nn.Module):
             self.hash_bits,
             self.kmeans_iterations,
             generator,
+            self.mask_empty_prototypes,
         )
         x = query.flatten(2).transpose(1, 2)  # [B, h*w, C]
         pos = self._position(query_padding, channels, x.dtype)
