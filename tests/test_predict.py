@@ -184,3 +184,18 @@ def test_cli_refuses_queries_whose_masks_would_share_a_file_before_predicting(tm
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code != 0 and not called and not (tmp_path / "out").exists()
     assert str(tmp_path / "a" / "x.jpg") in result.output and str(tmp_path / "b" / "x.png") in result.output
+
+
+def test_a_querys_mask_does_not_depend_on_the_other_queries_or_the_batch_size():
+    """The prototype clustering draws random numbers: each query starts from the same draws,
+    so segmenting q alone, with other queries, or in batches of any size gives the same mask."""
+    torch.manual_seed(0)
+    config = FSSModelConfig(hidden=16, heads=2, layers=1, ffn=32, points=2, fg_prototypes=2, bg_prototypes=3)
+    model = FSSNetwork(TinyBackbone(), config)
+    supports = [scene(30, 40, (5, 5, 12, 20), seed=s) for s in range(2)]
+    queries = [scene(20 + 6 * s, 50 - 5 * s, (4, 8, 10, 12), seed=s)[0] for s in range(2, 6)]
+    alone = [predict(model, supports, [q], image_size=IMAGE_SIZE)[0] for q in queries]
+    for batch_size in (1, 2, 4):
+        together = predict(model, supports, queries, image_size=IMAGE_SIZE, batch_size=batch_size)
+        for a, b in zip(alone, together):
+            np.testing.assert_array_equal(a, b)

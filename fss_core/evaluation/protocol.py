@@ -65,7 +65,7 @@ class EpisodeInput:
         support_masks: ``[B, S, L, L]`` int64, 1 = class, 0 = background, 255 = ignore/padding.
         query_padding: ``[B, L, L]`` bool, True where the canvas is padding.
         support_padding: ``[B, S, L, L]`` bool.
-        generator: CPU generator for any random draw the predictor makes.
+        generator: CPU generator for any random draw the predictor makes, or one per episode.
     """
 
     query_img: torch.Tensor
@@ -73,7 +73,7 @@ class EpisodeInput:
     support_masks: torch.Tensor
     query_padding: torch.Tensor
     support_padding: torch.Tensor
-    generator: torch.Generator | None = None
+    generator: torch.Generator | Sequence[torch.Generator] | None = None
 
 
 Predictor = Callable[[EpisodeInput], torch.Tensor]  # EpisodeInput → logits [B, 2, L, L] (0 = bg, 1 = fg)

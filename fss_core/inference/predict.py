@@ -130,7 +130,8 @@ def predict(
         queries: images to segment.
         image_size: side ``L`` of the square canvas the images are fitted into.
         device: where a network runs (ignored for a ready ``Predictor``).
-        seed: seeds the predictor's random draws.
+        seed: seeds the predictor's random draws; every query starts from the same draws, so its
+            mask does not depend on which other queries are segmented with it.
         batch_size: queries per forward pass.
 
     Returns:
@@ -149,7 +150,7 @@ def predict(
     support_masks = torch.stack([c.mask for c in support_canvases])
     support_padding = torch.stack([c.padding for c in support_canvases])
     masks = []
-    for batch_index, start in enumerate(range(0, len(queries), batch_size)):
+    for start in range(0, len(queries), batch_size):
         batch = [
             _load_image(source, f"query {start + offset + 1}")
             for offset, source in enumerate(queries[start : start + batch_size])
@@ -162,7 +163,9 @@ def predict(
             support_masks=support_masks.expand(n, *support_masks.shape),
             query_padding=torch.stack([c.padding for c in canvases]),
             support_padding=support_padding.expand(n, *support_padding.shape),
-            generator=episode_generator(seed, batch_index),
+            # every query starts from the same draws: the supports' prototypes are the same for
+            # each, and a query's mask does not depend on the other queries in its batch
+            generator=[episode_generator(seed, 0) for _ in range(n)],
         )
         logits = predictor(episode)
         if tuple(logits.shape) != (n, 2, image_size, image_size):

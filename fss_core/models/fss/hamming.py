@@ -8,6 +8,8 @@ initialisation, tied majority bits, re-seeded empty clusters) comes from an expl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -151,7 +153,7 @@ def support_prototypes(
     bg_prototypes: int,
     bits: int,
     iterations: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     mask_empty: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fg/bg prototypes of each episode's support tokens (all shots pooled).
@@ -166,6 +168,9 @@ def support_prototypes(
         fg_prototypes, bg_prototypes: slots for fg and bg prototypes.
         bits: SimHash code length.
         iterations: Hamming k-means iterations.
+        generator: source of the random draws: one for the whole batch (episode b draws after
+            episodes 0..b-1), or one per episode, so that an episode's prototypes do not depend
+            on the other episodes in its batch.
         mask_empty: mark empty clusters invalid (see :func:`cluster_prototypes`).
 
     Returns:
@@ -183,10 +188,14 @@ def support_prototypes(
     keep = ~padding.reshape(batch, -1)
     tokens = features.permute(0, 1, 3, 4, 2).reshape(batch, shots * h * w, channels)
     prototypes, valid = [], []
+    per_episode = isinstance(generator, (list, tuple))
+    if per_episode and len(generator) != batch:
+        raise ValueError(f"support_prototypes: {len(generator)} generators for a batch of {batch} episodes")
     for b in range(batch):
+        g = generator[b] if per_episode else generator
         fg_tokens, bg_tokens = tokens[b][foreground[b] & keep[b]], tokens[b][~foreground[b] & keep[b]]
-        fg, fg_valid = cluster_prototypes(fg_tokens, fg_prototypes, bits, iterations, generator, mask_empty)
-        bg, bg_valid = cluster_prototypes(bg_tokens, bg_prototypes, bits, iterations, generator, mask_empty)
+        fg, fg_valid = cluster_prototypes(fg_tokens, fg_prototypes, bits, iterations, g, mask_empty)
+        bg, bg_valid = cluster_prototypes(bg_tokens, bg_prototypes, bits, iterations, g, mask_empty)
         prototypes.append(torch.cat([fg, bg]))
         valid.append(torch.cat([fg_valid, bg_valid]))
     return F.normalize(torch.stack(prototypes), dim=-1), ~torch.stack(valid)

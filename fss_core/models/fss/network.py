@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import dataclasses
 import logging
 
@@ -244,7 +246,7 @@ class FSSNetwork(nn.Module):
         support_masks: torch.Tensor,
         query_padding: torch.Tensor | None = None,
         support_padding: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """Segment the query given S annotated supports.
 

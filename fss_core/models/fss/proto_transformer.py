@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -166,7 +168,7 @@ class ProtoTransformer(nn.Module):
         support: torch.Tensor,
         support_foreground: torch.Tensor,
         support_padding: torch.Tensor,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """Args:
             query: ``[B, C, h, w]``.
