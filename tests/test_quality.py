@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fss_core.data.images import save_label
+from fss_core.data.images import load_label, save_label
 from fss_core.pseudo.quality import confusion, evaluate_pseudo_masks, format_table, hungarian_miou
 
 
@@ -109,3 +109,21 @@ def test_missing_mask_is_named(tmp_path):
     save_label(tmp_path / "gt.png", np.zeros((4, 4), dtype=np.uint8))
     with pytest.raises(FileNotFoundError, match="x.png"):
         evaluate_pseudo_masks(tmp_path / "masks", [Record("x", tmp_path / "gt.png")], 3, 2)
+
+
+def test_random_baseline_is_the_masks_with_each_images_cluster_ids_shuffled(tmp_path):
+    """The baseline keeps every mask's regions and drops only the clusters' meaning across
+    images: the Hungarian mIoU of the masks relabelled by one seeded permutation per image."""
+
+    def masks_of(gt, rng):
+        return (np.minimum(gt, 3) + 4).astype(np.uint8)  # a perfect clustering, ids 4..7
+
+    records = _dataset(tmp_path, masks_of)
+    report = evaluate_pseudo_masks(tmp_path / "masks", records, 8, 4, seed=5)
+    rng = np.random.default_rng(5)
+    expected = np.zeros((8, 4), dtype=np.int64)
+    for record in (r for r in records if r.label_path is not None):
+        mask, gt = load_label(tmp_path / "masks" / f"{record.image_id}.png"), load_label(record.label_path)
+        expected += confusion(rng.permutation(8)[mask], gt, 8, 4)
+    assert report.miou == 1.0
+    assert report.random_baseline_miou == hungarian_miou(expected)[0] < 1.0
