@@ -87,10 +87,10 @@ class PseudoConfig(_Section):
     felzenszwalb_scale: float = 100.0
     felzenszwalb_sigma: float = 0.8
     felzenszwalb_min_size: int = 200
-    min_area: int = Field(2048, ge=1, description="minimum pseudo-class area in pixels at 473x473 scale")
-    area_reference: int | None = Field(473, ge=1, description="image side at which min_area and felzenszwalb_min_size "
-                                       "are defined, scaled by each image's area; null = unscaled pixels of the "
-                                       "original image, as the reference")
+    min_area: int = Field(2048, ge=1, description="minimum pseudo-class area in pixels of the original image")
+    area_reference: int | None = Field(473, ge=1, description="images whose longer side is shorter have min_area and "
+                                       "felzenszwalb_min_size scaled by (longer side / area_reference)^2; null = "
+                                       "never scaled, as the reference")
     background_span: float = Field(0.99, gt=0, le=1)
     prior_max: int = Field(5000, ge=1, description="cap on the similarity prior's support candidates")
 

@@ -35,3 +35,17 @@ def pad_geometry(h: int, w: int, long_side: int, multiple: int = 8) -> PadGeomet
     new_h = max(multiple, int(h * scale + 0.5) // multiple * multiple)
     new_w = max(multiple, int(w * scale + 0.5) // multiple * multiple)
     return PadGeometry(h, w, min(new_h, long_side), min(new_w, long_side), long_side)
+
+
+def small_image_scale(h: int, w: int, reference: int | None) -> float:
+    """The factor an area threshold, set in pixels of full-size images, takes for an ``h × w`` image.
+
+    1 when the image's longer side reaches ``reference`` (PASCAL's and COCO's images: the
+    published thresholds apply unchanged) or when ``reference`` is None; for a smaller image,
+    ``(longer side / reference)²``, so that a region counts from the same share of a
+    ``reference``-sided canvas as on a full-size image.
+    """
+    longer = max(h, w)
+    if reference is None or longer >= reference:
+        return 1.0
+    return (longer / reference) ** 2

@@ -144,7 +144,7 @@ def test_evaluation_episodes_do_not_move_with_pseudo_task_settings():
 
 def test_the_references_unscaled_areas_can_be_chosen():
     """``pseudo.area_reference: null`` applies the area thresholds in original pixels, as the
-    reference does, at every image size; the default scales them with the image's area."""
+    reference does, at every image size; the default scales them for images smaller than 473 px."""
     from fss_core.pseudo.masks import REFERENCE_FELZENSZWALB, min_size_for
     from fss_core.pseudo.task_index import scaled_min_area
 
@@ -154,7 +154,8 @@ def test_the_references_unscaled_areas_can_be_chosen():
     for h, w in ((375, 500), (128, 128)):
         assert scaled_min_area(reference.min_area, reference.area_reference, h, w) == 2048
         assert min_size_for(REFERENCE_FELZENSZWALB, reference.area_reference, h, w) == 200
-    assert scaled_min_area(default.min_area, default.area_reference, 375, 500) == round(2048 * 375 * 500 / 473**2)
+    assert scaled_min_area(default.min_area, default.area_reference, 375, 500) == 2048
+    assert scaled_min_area(default.min_area, default.area_reference, 128, 128) == round(2048 * (128 / 473) ** 2)
     with pytest.raises(ConfigError, match="area_reference"):
         load_config(None, ["pseudo.area_reference=0"])
 

@@ -106,7 +106,8 @@ def test_min_size_scales_with_image_area_only_when_asked():
     params = FelzenszwalbParams(scale=100, sigma=0.8, min_size=200)
     assert min_size_for(params, None, 128, 128) == 200
     assert min_size_for(params, 473, 473, 473) == 200
-    assert min_size_for(params, 473, 128, 128) == round(200 * 128 * 128 / 473**2)
+    assert min_size_for(params, 473, 375, 500) == 200  # full-size images: the reference's 200
+    assert min_size_for(params, 473, 96, 128) == round(200 * (128 / 473) ** 2) == 15
 
 
 def test_masks_resume_only_within_the_same_build(tmp_path):

@@ -47,9 +47,11 @@ def test_ignore_label_is_never_a_class():
     assert valid_pseudo_classes(mask, min_area=1) == [(3, 100)]
 
 
-def test_min_area_scales_with_image_area():
+def test_min_area_is_the_references_on_full_size_images_and_scaled_on_small_ones():
     assert scaled_min_area(2048, 473, 473, 473) == 2048
-    assert scaled_min_area(2048, 473, 946, 473) == 4096
+    assert scaled_min_area(2048, 473, 375, 500) == 2048  # a PASCAL image: the published 2·32·32
+    assert scaled_min_area(2048, 473, 946, 473) == 2048  # larger images are not held to more
+    assert scaled_min_area(2048, 473, 96, 128) == round(2048 * (128 / 473) ** 2) == 150
     assert scaled_min_area(2048, None, 100, 100) == 2048
     assert scaled_min_area(1, 473, 10, 10) == 1
 
@@ -307,10 +309,11 @@ def test_build_is_deterministic_and_round_trips_through_the_tasks_store(small_st
             assert getattr(other, name).dtype == getattr(index, name).dtype, name
 
 
-def test_min_area_is_scaled_by_image_area(small_store):
+def test_min_area_is_scaled_for_small_images(small_store):
     group, mask_dir, _, _ = small_store
-    # 280 px blobs on 35x50 / 40x48 images fail a 473-reference threshold scaled to their size
-    index = build_task_index(mask_dir, group, ["a", "d"], num_clusters=4, min_area=40000, area_reference=473)
+    # 35000 px at full size is 35000·(50/473)² = 391 px on the 35x50 image, which its 280 px
+    # blob fails, and 35000·(48/473)² = 360 px on the 40x48 one, which its 400 px blob passes
+    index = build_task_index(mask_dir, group, ["a", "d"], num_clusters=4, min_area=35000, area_reference=473)
     assert sorted(zip(index.occ_image.tolist(), index.occ_cluster.tolist())) == [(1, 2)]  # d's 400 px blob
 
 

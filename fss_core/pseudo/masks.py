@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from fss_core.clustering.kmeans import nearest_centroid_scores
 from fss_core.data.images import load_rgb, save_label
-from fss_core.geometry import pad_geometry
+from fss_core.geometry import pad_geometry, small_image_scale
 from storage_schemas import (
     EMBEDDINGS,
     FelzenszwalbParams,
@@ -100,13 +100,12 @@ def superpixel_vote(labels: np.ndarray, segments: np.ndarray, num_clusters: int)
 def min_size_for(params: FelzenszwalbParams, area_reference: int | None, h: int, w: int) -> int:
     """Felzenszwalb ``min_size`` for an ``h × w`` image.
 
-    ``area_reference=None`` keeps ``params.min_size`` in pixels of the original image, as the
-    reference does; an int scales it by ``h·w / area_reference²``, so a small image is cut into
-    as many superpixels as a large one (the same rule as the pseudo-class ``min_area``).
+    ``params.min_size`` is in pixels of the original image, as the reference sets it; an image
+    whose longer side is below ``area_reference`` has it scaled by :func:`small_image_scale`, so
+    a small image is cut into about as many superpixels as a large one (the same rule as the
+    pseudo-class ``min_area``). ``area_reference=None`` never scales.
     """
-    if area_reference is None:
-        return params.min_size
-    return max(1, round(params.min_size * h * w / area_reference**2))
+    return max(1, round(params.min_size * small_image_scale(h, w, area_reference)))
 
 
 def pseudo_mask(features: np.ndarray, valid_hw: tuple[int, int], image_hw: tuple[int, int], stride: int,

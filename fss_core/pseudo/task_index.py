@@ -3,8 +3,8 @@ similarity prior that picks supports for each of them (Stage C).
 
 A cluster ``c`` is a valid pseudo-class of an image when
 
-- its area is at least the minimum area (defined at a ``area_reference``² image and scaled by
-  the image's area, see :func:`scaled_min_area`), and
+- its area is at least the minimum area (pixels of the original image, scaled down for images
+  smaller than ``area_reference``, see :func:`scaled_min_area`), and
 - it is not background-like: fewer than ``1 - background_span`` of the image's rows contain
   no pixel of it, or fewer than ``1 - background_span`` of its columns (it spans ≥ 99 % of
   the height or of the width). Sky, grass, walls and padding bands fall out this way.
@@ -43,7 +43,7 @@ import zarr
 from scipy import sparse
 
 from fss_core.data.images import IGNORE_LABEL, load_label
-from fss_core.geometry import pad_geometry
+from fss_core.geometry import pad_geometry, small_image_scale
 from fss_core.pseudo.masks import SIZE_MULTIPLE
 from storage_schemas import TASKS, TasksAttrs, create_store, open_store, read_attrs
 
@@ -67,7 +67,7 @@ class PseudoTaskIndex:
     - ``prior_offsets [M + 1]`` int64, ``prior_rows [P]`` int32: occurrence ``i``'s support
       candidates are ``prior_rows[prior_offsets[i]:prior_offsets[i + 1]]``, most similar first.
 
-    ``min_area`` (at the reference image size, see :func:`scaled_min_area`), ``background_span``,
+    ``min_area`` (original pixels, scaled for small images, see :func:`scaled_min_area`), ``background_span``,
     ``prior_max`` and ``prior_candidates`` record how it was built.
     """
 
@@ -173,15 +173,13 @@ class PseudoTaskIndex:
 
 
 def scaled_min_area(min_area: int, area_reference: int | None, h: int, w: int) -> int:
-    """The minimum area for an ``h × w`` image: ``min_area · h·w / area_reference²`` (at least 1).
+    """The minimum area for an ``h × w`` image (at least 1).
 
-    ``min_area`` is defined at an ``area_reference × area_reference`` image (473 in the
-    reference's training resolution), so a small image is not held to a large image's
-    threshold. ``area_reference=None`` applies ``min_area`` unscaled, as the reference does.
+    ``min_area`` is in pixels of the original image, as the reference counts it; an image whose
+    longer side is below ``area_reference`` has it scaled by :func:`small_image_scale`, so a
+    small image is not held to a large image's threshold. ``area_reference=None`` never scales.
     """
-    if area_reference is None:
-        return int(min_area)
-    return max(1, round(min_area * h * w / area_reference**2))
+    return max(1, round(min_area * small_image_scale(h, w, area_reference)))
 
 
 def valid_pseudo_classes(mask: np.ndarray, min_area: int, background_span: float = 0.99) -> list[tuple[int, int]]:
