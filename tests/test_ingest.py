@@ -99,3 +99,26 @@ def test_synthetic_data_in_the_workspace_is_ingested_as_before(tmp_path):
     second = run_ingest(cfg)
     assert first.ok == first.total > 0
     assert (second.total, second.added, second.build_key) == (first.total, 0, first.build_key)
+
+
+def test_a_pascal_val_image_is_never_a_training_row(tmp_path):
+    """A VOC root without its own lists/ is split by the shipped PASCAL-5i lists, the ones
+    ``fss evaluate`` scores on, so no val image is trained on."""
+    from fss_core.data.images import save_label
+    from fss_core.data.layouts import shipped_list
+    from tasks.ingest import labelled_rows, training_rows
+
+    def first_stems(split, n):
+        lines = shipped_list("pascal", split).read_text().splitlines()[:n]
+        return [line.split()[0].split("/")[1].removesuffix(".jpg") for line in lines]
+
+    src = tmp_path / "voc"
+    train, val = first_stems("train", 2), first_stems("val", 1)
+    _images(src / "JPEGImages", [f"{s}.jpg" for s in [*train, *val, "own_photo"]])
+    for stem in [*train, *val]:
+        save_label(src / "SegmentationClassAug" / f"{stem}.png", np.zeros((20, 30), np.uint8))
+    cfg = load_config(None, [f"runtime.workspace={tmp_path / 'ws'}", f"data.source={src}", "data.layout=voc",
+                             "data.fold_scheme=pascal"])
+    assert run_ingest(cfg).ok == 4
+    assert sorted(r.image_id for r in training_rows(cfg)) == sorted([*train, "own_photo"])
+    assert [r.image_id for r in labelled_rows(cfg, "val")] == val

@@ -191,3 +191,40 @@ def test_voc_without_split_takes_each_images_split_from_the_lists(tmp_path):
     (tmp_path / "lists" / "val.txt").write_text("JPEGImages/im1.jpg SegmentationClassAug/im1.png\n")
     splits = {r.image_id: r.split for r in read_voc(tmp_path, None)}
     assert splits == {"im0": "train", "im1": "val", "im2": None}
+
+
+def shipped_stems(split: str, n: int) -> list[str]:
+    return [Path(image).stem for image, _ in read_pairs(shipped_list("pascal", split))[:n]]
+
+
+def test_voc_without_lists_takes_each_images_split_from_the_shipped_lists(tmp_path, caplog):
+    """The same lists ``read_voc(root, "val")`` falls back to: a shipped val image is never unsplit."""
+    train, val = shipped_stems("train", 2), shipped_stems("val", 1)
+    make_voc(tmp_path, [*train, *val, "my_own_photo"], [*train, *val])
+    with caplog.at_level("INFO", logger="fss_core.data.layouts"):
+        splits = {r.image_id: r.split for r in read_voc(tmp_path, None)}
+    assert splits == {train[0]: "train", train[1]: "train", val[0]: "val", "my_own_photo": None}
+    assert any("1 image" in m and "neither" in m for m in caplog.messages)
+
+
+def test_voc_with_only_its_own_train_list_takes_val_from_the_shipped_list(tmp_path):
+    """Each split is looked up on its own, as ``read_voc(root, split)`` does."""
+    (val,) = shipped_stems("val", 1)
+    make_voc(tmp_path, ["mine", val], ["mine", val])
+    touch(tmp_path / "lists" / "train.txt").write_text("JPEGImages/mine.jpg SegmentationClassAug/mine.png\n")
+    assert {r.image_id: r.split for r in read_voc(tmp_path, None)} == {"mine": "train", val: "val"}
+
+
+def test_image_files_the_readers_do_not_take_are_reported(tmp_path, caplog):
+    for rel in ["a.jpg", "b.tif", "sub/c.gif", "d.jpe", "notes.txt"]:
+        touch(tmp_path / "plain" / rel)
+    make_voc(tmp_path / "voc", ["x"], ["x"])
+    touch(tmp_path / "voc" / "JPEGImages" / "y.tiff")
+    with caplog.at_level("WARNING", logger="fss_core.data.layouts"):
+        assert [r.image_id for r in read_folder(tmp_path / "plain")] == ["a"]
+        assert [r.image_id for r in read_voc(tmp_path / "voc", None)] == ["x"]
+    (plain,) = [m for m in caplog.messages if "plain" in m]
+    assert "3 files" in plain and all(name in plain for name in ("b.tif", "c.gif", "d.jpe"))
+    assert "notes.txt" not in plain
+    (voc,) = [m for m in caplog.messages if "JPEGImages" in m]
+    assert "1 file" in voc and "y.tiff" in voc

@@ -3,12 +3,15 @@
 - ``folder``: any folder of unlabeled images, searched recursively, leaving out pipeline
   workspaces (folders holding a ``WORKSPACE_MARKER`` file) found inside it.
 - ``voc``: PASCAL VOC layout, ``JPEGImages/*.jpg`` + ``SegmentationClassAug/*.png``, with split
-  lists ``lists/{split}.txt`` (the standard PASCAL-5i lists are shipped as a fallback).
+  lists ``lists/{split}.txt`` (the standard PASCAL-5i lists are shipped as a fallback, used for
+  each split the dataset has no list of).
 - ``coco``: COCO 2014 layout, ``{train,val}2014/*.jpg`` + ``annotations/{train,val}2014/*.png``
   (semantic masks made by ``fss_core.data.prepare.prepare_coco``).
 
 Split lists use the PFENet format: one ``IMAGE_RELPATH LABEL_RELPATH`` pair per line, paths
-relative to the dataset root. Every reader returns records sorted by ``image_id``.
+relative to the dataset root. Every reader returns records sorted by ``image_id``. Files in an
+image format Pillow reads but the readers do not take (``OTHER_IMAGE_SUFFIXES``: .tif, .gif, ...)
+are skipped with one warning per folder giving their count and first names.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fss_core.data.images import IMAGE_SUFFIXES
+from fss_core.data.images import IMAGE_SUFFIXES, OTHER_IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +57,15 @@ def read_folder(root: str | os.PathLike) -> list[ImageRecord]:
     """
     root = _existing_dir(root)
     by_id: dict[str, Path] = {}
+    other_format: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=_report_unlistable):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and not _is_workspace(Path(dirpath, d))]
         for name in sorted(filenames):  # a stable order: the same duplicate is reported every time
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() in OTHER_IMAGE_SUFFIXES:
+                other_format.append(Path(dirpath, name).relative_to(root).as_posix())
+            if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             if not _recordable(Path(dirpath, name), root):
                 continue
@@ -69,6 +77,7 @@ def read_folder(root: str | os.PathLike) -> list[ImageRecord]:
                     f"{image_id!r}; rename one of them"
                 )
             by_id[image_id] = path
+    _report_other_formats(root, other_format)
     if not by_id:
         log.warning("no images with suffixes %s found under %s", IMAGE_SUFFIXES, root)
     return [ImageRecord(i, by_id[i], None, None) for i in sorted(by_id)]
@@ -123,24 +132,49 @@ def read_voc(root: str | os.PathLike, split: str | None) -> list[ImageRecord]:
     """A VOC-layout dataset's ``split``, from ``root/lists/{split}.txt`` or the shipped PASCAL lists.
 
     With ``split=None``: every image in ``JPEGImages/``, paired with its label when it exists,
-    and with the split of the dataset's own ``lists/{train,val}.txt`` that names it (else None).
+    and with the split of the train or val list that names it, the lists being chosen as for
+    ``split="train"`` and ``split="val"`` (see ``voc_list_file``). So an image that evaluation
+    reads as val is never given another split. An image named by neither list gets split None
+    (a log line counts them); one named by both gets "val".
     """
     root = _existing_dir(root)
     if split is None:
         split_of: dict[str, str] = {}
-        for name in ("train", "val"):
-            list_file = root / "lists" / f"{name}.txt"
-            if list_file.is_file():
+        for name in ("train", "val"):  # val second: it wins over train
+            list_file = voc_list_file(root, name)
+            if list_file == shipped_list("pascal", name):  # all of PASCAL: the root may hold any part of it
+                split_of.update((image_id, name) for image_id in _listed_ids(list_file))
+            else:
                 split_of.update((r.image_id, name) for r in read_list(root, list_file, name))
-        return [
+        records = [
             dataclasses.replace(r, split=split_of.get(r.image_id))
             for r in _pair_folder(root / VOC_IMAGE_DIR, root / VOC_LABEL_DIR, None)
         ]
-    list_file = root / "lists" / f"{split}.txt"
-    if not list_file.is_file():
-        list_file = shipped_list("pascal", split)
-        log.info("%s has no lists/%s.txt; using the shipped PASCAL-5i list %s", root, split, list_file)
-    return read_list(root, list_file, split)
+        unsplit = sum(r.split is None for r in records)
+        if unsplit:
+            log.info("%s: %d image%s in neither the train nor the val list: no split (used for training)",
+                     root, unsplit, "" if unsplit == 1 else "s")
+        return records
+    return read_list(root, voc_list_file(root, split), split)
+
+
+def voc_list_file(root: str | os.PathLike, split: str) -> Path:
+    """The list of a VOC-layout dataset's ``split``: ``root/lists/{split}.txt``, else the shipped PASCAL-5i list.
+
+    Decided per split: a dataset with only its own ``lists/train.txt`` gets the shipped val list.
+    """
+    list_file = Path(root) / "lists" / f"{split}.txt"
+    if list_file.is_file():
+        return list_file
+    shipped = shipped_list("pascal", split)
+    log.info("%s has no lists/%s.txt; using the shipped PASCAL-5i list %s", root, split, shipped)
+    return shipped
+
+
+def _listed_ids(list_file: Path) -> list[str]:
+    """Image ids (stems of the image paths) of a PFENet-format list, without checking the files exist."""
+    lines = list_file.read_text(encoding="utf-8").splitlines()
+    return [Path(line.split()[0]).stem for line in lines if line.strip()]
 
 
 def read_coco(root: str | os.PathLike, split: str | None) -> list[ImageRecord]:
@@ -196,8 +230,10 @@ def _pair_folder(image_dir: Path, label_dir: Path, split: str | None) -> list[Im
         entries = list(image_dir.iterdir())
     except OSError as exc:
         raise DatasetLayoutError(f"image folder {image_dir} cannot be listed ({exc.strerror or exc})") from exc
-    for path in sorted(entries):
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+    entries = sorted(p for p in entries if not p.name.startswith("."))
+    _report_other_formats(image_dir, [p.name for p in entries if p.suffix.lower() in OTHER_IMAGE_SUFFIXES])
+    for path in entries:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         if not _recordable(path, image_dir):
             continue
@@ -219,6 +255,15 @@ def _is_workspace(folder: Path) -> bool:
         return False
     log.info("%s is a pipeline workspace: skipped, its files are not ingested", folder)
     return True
+
+
+def _report_other_formats(folder: Path, names: list[str]) -> None:
+    """One warning for the files under ``folder`` in an image format the readers do not take."""
+    if not names:
+        return
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    log.warning("%s: %d file%s in an image format the readers do not take skipped (%s); convert to one of %s "
+                "to ingest them", folder, len(names), "" if len(names) == 1 else "s", shown, ", ".join(IMAGE_SUFFIXES))
 
 
 def _report_unlistable(error: OSError) -> None:
