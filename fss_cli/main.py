@@ -151,7 +151,8 @@ def prepare_coco_cmd(
     split: Annotated[str, typer.Option(help="train | val")] = "train",
     overwrite: bool = False,
 ) -> None:
-    """COCO instances json → semantic PNGs (ids 1..80 in category order, crowd skipped)."""
+    """COCO instances json → semantic PNGs (ids 1..80 in category order, crowd skipped; none for an
+    image without annotations, so the lists leave it out)."""
     from fss_core.data.prepare import prepare_coco
 
     _setup_logging()
@@ -162,16 +163,22 @@ def prepare_coco_cmd(
 def prepare_lists_cmd(
     root: Annotated[Path, typer.Option(help="Dataset root (VOC or COCO layout).")],
     out: Annotated[Path, typer.Option(help="Folder for the lists.")],
-    scheme: Annotated[str, typer.Option(help="pascal | coco | coco_consecutive | generic")] = "pascal",
+    scheme: Annotated[Optional[str], typer.Option(
+        help="pascal | coco | coco_consecutive | generic (default: coco for a COCO-layout root, else pascal)")] = None,
     layout: Annotated[str, typer.Option(help="auto | voc | coco")] = "auto",
     seed: int = 0,
     min_area: int = 2048,
     num_classes: Annotated[Optional[int], typer.Option(help="classes of a generic dataset")] = None,
 ) -> None:
-    """Train/val lists, per-fold lists and seeded nested 5/10/20 % label-fraction subsets."""
-    from fss_core.data.prepare import prepare_lists
+    """Train/val lists, per-fold lists and seeded nested 5/10/20 % label-fraction subsets.
+
+    Label ids above the scheme's classes are an error: the scheme does not fit the dataset."""
+    from fss_core.data.prepare import default_scheme, prepare_lists
 
     _setup_logging()
+    if scheme is None:
+        scheme = default_scheme(root, layout)
+        typer.echo(f"scheme: {scheme} (from the dataset layout; --scheme to choose another)")
     typer.echo(prepare_lists(root, layout, out, scheme=scheme, seed=seed, min_area=min_area,
                              num_classes=num_classes).summary())
 

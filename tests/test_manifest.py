@@ -211,3 +211,22 @@ def test_invalid_manifest_is_one_clear_error(tmp_path, edit, message):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ManifestError, match=message):
         read_manifest(path)
+
+
+def test_one_bit_label_is_read_as_classes_0_and_1(tmp_path):
+    """A 1-bit PNG ("1" mode) holds class 1, not 255 (ignore), where its pixels are set."""
+    from fss_core.data.images import load_label
+
+    root = tmp_path / "voc"
+    save_image(root / "JPEGImages" / "a.jpg", 8, 6, seed=0)
+    mask = np.zeros((6, 8), bool)
+    mask[2:5, 1:4] = True
+    (root / "SegmentationClassAug").mkdir()
+    Image.fromarray(mask).save(root / "SegmentationClassAug" / "a.png")
+    with Image.open(root / "SegmentationClassAug" / "a.png") as im:
+        assert im.mode == "1"
+    label = load_label(root / "SegmentationClassAug" / "a.png")
+    assert label.dtype == np.uint8
+    np.testing.assert_array_equal(label, mask.astype(np.uint8))
+    (row,) = build_manifest(root, "voc", num_classes=1).rows
+    assert row.status == "ok"

@@ -126,6 +126,22 @@ def test_bad_sbd_file_is_named(tmp_path):
         prepare_sbd(tmp_path / "sbd", voc_root, tmp_path / "out")
 
 
+def v73_mat_bytes() -> bytes:
+    """The 128-byte header of a MATLAB v7.3 (HDF5) file, which scipy cannot read, then filler."""
+    text = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 HDF5 schema 1.00 ."
+    return text.ljust(116, b" ") + b"\0" * 8 + b"\x00\x02IM" + b"\x89HDF\r\n\x1a\n" + b"\0" * 384
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", v73_mat_bytes()], ids=["empty", "truncated", "v7.3"])
+def test_unreadable_sbd_mat_is_named(tmp_path, content):
+    voc_root = tmp_path / "VOC2012"
+    save_voc_png(voc_root / "SegmentationClass" / "x.png", np.zeros((4, 4)))
+    save_sbd_mat(tmp_path / "sbd" / "cls" / "good.mat", np.ones((4, 4)))
+    (tmp_path / "sbd" / "cls" / "2008_000123.mat").write_bytes(content)
+    with pytest.raises(PrepareError, match="2008_000123.mat"):
+        prepare_sbd(tmp_path / "sbd", voc_root, tmp_path / "out")
+
+
 def test_rgb_voc_label_is_rejected(tmp_path):
     save_sbd_mat(tmp_path / "sbd" / "cls" / "a.mat", np.ones((4, 4)))
     rgb = tmp_path / "VOC2012" / "SegmentationClass" / "b.png"
@@ -192,10 +208,12 @@ def write_coco(root: Path, split: str) -> dict[str, np.ndarray]:
 
 
 def test_coco_json_becomes_semantic_masks(tmp_path):
+    """Image 3 has no annotation and gets no mask; image 12 (crowd only) gets an all-0 one."""
     expected = write_coco(tmp_path, "val")
+    del expected["000000000003"]
     report = prepare_coco(tmp_path, "val")
     out = tmp_path / "annotations" / "val2014"
-    assert report.counts["written"] == 3 and report.counts["empty"] == 2
+    assert report.counts["written"] == 2 and report.counts["empty"] == 1 and report.counts["no_annotations"] == 1
     assert sorted(p.name for p in out.iterdir()) == sorted(f"COCO_val2014_{i}.png" for i in expected)
     for i, mask in expected.items():
         np.testing.assert_array_equal(read_png_indices(out / f"COCO_val2014_{i}.png"), mask)
@@ -206,7 +224,7 @@ def test_coco_keeps_existing_masks_unless_overwrite(tmp_path):
     prepare_coco(tmp_path, "train")
     target = tmp_path / "annotations" / "train2014" / "COCO_train2014_000000000007.png"
     save_voc_png(target, np.zeros((8, 10)))
-    assert prepare_coco(tmp_path, "train").counts["skipped_existing"] == 3
+    assert prepare_coco(tmp_path, "train").counts["skipped_existing"] == 2
     assert not read_png_indices(target).any()
     prepare_coco(tmp_path, "train", overwrite=True)
     np.testing.assert_array_equal(read_png_indices(target), expected["000000000007"])
@@ -215,6 +233,67 @@ def test_coco_keeps_existing_masks_unless_overwrite(tmp_path):
 def test_coco_missing_json_is_named(tmp_path):
     with pytest.raises(PrepareError, match="instances_val2014.json"):
         prepare_coco(tmp_path, "val")
+
+
+def test_coco_mask_of_an_unannotated_image_left_by_an_earlier_run_is_removed(tmp_path):
+    write_coco(tmp_path, "val")
+    stale = tmp_path / "annotations" / "val2014" / "COCO_val2014_000000000003.png"
+    save_voc_png(stale, np.zeros((8, 10)))
+    report = prepare_coco(tmp_path, "val")
+    assert not stale.exists() and report.counts["stale_removed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("segmentation", "problem"),
+    [
+        ([0, 0, 10, 0, 10, 10], "flat polygon"),
+        (None, "no segmentation"),
+        ({"size": [5, 5], "counts": [0, 25]}, "RLE of another size"),
+        ("not a polygon", "a string"),
+    ],
+)
+def test_malformed_coco_annotation_names_file_annotation_and_image(tmp_path, segmentation, problem):
+    ann = {"id": 41, "image_id": 17, "category_id": 1, "iscrowd": 0, "area": 1, "bbox": [0, 0, 1, 1]}
+    if segmentation is not None:
+        ann["segmentation"] = segmentation
+    data = {"images": [{"id": 17, "file_name": "COCO_val2014_000000000017.jpg", "height": 10, "width": 12}],
+            "annotations": [ann], "categories": [{"id": 1, "name": "one"}]}
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2014.json").write_text(json.dumps(data))
+    with pytest.raises(PrepareError, match=r"instances_val2014\.json.*annotation 41.*image 17"):
+        prepare_coco(tmp_path, "val")
+
+
+def make_coco_dataset(root: Path) -> None:
+    """COCO layout: images 7, 3, 12 per split (3 has no annotation, 12 only a crowd one), masks prepared."""
+    for split in ("train", "val"):
+        write_coco(root, split)
+        for i in (7, 3, 12):
+            (root / f"{split}2014").mkdir(exist_ok=True)
+            (root / f"{split}2014" / f"COCO_{split}2014_{i:012d}.jpg").write_bytes(b"")
+        prepare_coco(root, split)
+
+
+def test_coco_lists_hold_only_annotated_images(tmp_path):
+    """Like the standard COCO-20i lists: images with an annotation, crowd-only ones included."""
+    root = tmp_path / "coco"
+    make_coco_dataset(root)
+    prepare_lists(root, "auto", tmp_path / "out", "coco", seed=0, min_area=1, fractions=(0.5, 1.0))
+    for split in ("train", "val"):
+        assert list_ids(tmp_path / "out" / f"{split}.txt") == [
+            f"COCO_{split}2014_000000000007", f"COCO_{split}2014_000000000012"]
+    assert len(list_ids(tmp_path / "out" / "train_100.txt")) == 2
+    prepare_fraction_lists(root, "auto", tmp_path / "frac", "coco", seed=0, fractions=(1.0,))
+    assert len(list_ids(tmp_path / "frac" / "train_100.txt")) == 2
+
+
+def test_coco_lists_before_the_masks_are_made_are_a_clear_error(tmp_path):
+    root = tmp_path / "coco"
+    for split in ("train", "val"):
+        (root / f"{split}2014").mkdir(parents=True)
+        (root / f"{split}2014" / f"COCO_{split}2014_000000000001.jpg").write_bytes(b"")
+    with pytest.raises(PrepareError, match="prepare coco"):
+        prepare_lists(root, "auto", tmp_path / "out", "coco", seed=0)
 
 
 # --------------------------------------------------------------------------- split / fold / fraction lists
@@ -323,3 +402,26 @@ def test_unlabeled_folder_cannot_get_fold_lists(tmp_path):
     (tmp_path / "x.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match="labeled"):
         prepare_lists(tmp_path, "auto", tmp_path / "out", "pascal", seed=0)
+
+
+def test_lists_scheme_defaults_from_the_layout(tmp_path):
+    """``fss prepare lists`` on a COCO root uses the COCO-20i folds without ``--scheme``."""
+    from typer.testing import CliRunner
+
+    from fss_cli.main import app
+
+    root = tmp_path / "coco"
+    make_coco_dataset(root)
+    result = CliRunner().invoke(app, ["prepare", "lists", "--root", str(root), "--out", str(tmp_path / "out"),
+                                      "--min-area", "1"])
+    assert result.exit_code == 0, result.output
+    classes = json.loads((tmp_path / "out" / "fold0" / "classes_val.json").read_text())
+    assert [int(c) for c in classes] == list(fold_split("coco", 0).novel)
+
+
+def test_label_ids_above_the_schemes_classes_are_an_error(tmp_path):
+    root = tmp_path / "data"
+    make_labeled_voc(root, 10, num_classes=6, seed=5)
+    with pytest.raises(PrepareError, match=r"img_\d{3}\.png.*exceed.*generic.*4 classes"):
+        prepare_lists(root, "voc", tmp_path / "out", "generic", seed=0, num_classes=4)
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -6,7 +6,7 @@ RGBA images are converted (alpha is dropped); 16-bit and 32-bit grayscale are sc
 8 bits, not clipped. An image larger than ``Image.MAX_IMAGE_PIXELS`` (Pillow's
 decompression-bomb limit, about 89 megapixels) is refused before it is decoded. Labels are
 single-channel ``uint8 [H, W]`` (class ids, 255 = ignore); palette PNGs are read by index,
-not colour.
+not colour, and 1-bit PNGs as 0/1.
 """
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Other raster formats Pillow decodes: the dataset readers do not take them, and say so when they skip one.
+OTHER_IMAGE_SUFFIXES = (
+    ".tif", ".tiff", ".gif", ".jpe", ".jfif", ".jp2", ".j2k", ".jpx", ".mpo", ".apng", ".avif",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".dib", ".pcx", ".psd", ".qoi", ".sgi",
+)  # fmt: skip
 IGNORE_LABEL = 255
 
 
@@ -68,10 +73,11 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def load_label(path: str | os.PathLike) -> np.ndarray:
-    """Read a label PNG as ``uint8 [H, W]`` of class ids (palette indices for "P" images)."""
+    """Read a label PNG as ``uint8 [H, W]`` of class ids (palette indices for "P" images, 0/1 for 1-bit)."""
     try:
         with Image.open(path) as im:
-            if im.mode not in ("P", "L", "I", "I;16"):
+            # "1" (1-bit) is read as booleans, so 0/1: converting it to "L" would turn class 1 into 255
+            if im.mode not in ("1", "P", "L", "I", "I;16"):
                 im = im.convert("L")
             arr = np.asarray(im)
     except (OSError, SyntaxError, ValueError) as exc:

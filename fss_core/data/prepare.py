@@ -1,7 +1,7 @@
 """Data preparation: the label files and split lists the benchmarks expect, built from the raw downloads.
 
 - ``prepare_sbd``: SBD ``cls/*.mat`` + VOC2012 ``SegmentationClass/*.png`` → ``SegmentationClassAug/``.
-- ``prepare_coco``: COCO 2014 instance json → one semantic PNG per image (0 = bg, 1..80).
+- ``prepare_coco``: COCO 2014 instance json → one semantic PNG per annotated image (0 = bg, 1..80).
 - ``prepare_lists``: train/val lists, per-fold lists and class → image indexes, and nested,
   seeded label-fraction subsets ``train_{5,10,20}.txt``.
 - ``prepare_fraction_lists``: only those label-fraction subsets (no label is read).
@@ -53,11 +53,18 @@ class PrepareReport:
 
 
 def read_sbd_mat(path: str | os.PathLike) -> np.ndarray:
-    """Class map ``uint8 [H, W]`` (0 = bg, 1..20) of an SBD ``cls/*.mat`` file (struct ``GTcls.Segmentation``)."""
+    """Class map ``uint8 [H, W]`` (0 = bg, 1..20) of an SBD ``cls/*.mat`` file (struct ``GTcls.Segmentation``).
+
+    An empty, truncated or otherwise unreadable file, or a MATLAB v7.3 (HDF5) one, which scipy
+    cannot read, raises ``PrepareError`` naming the file.
+    """
     try:
         mat = scipy.io.loadmat(path, variable_names=["GTcls"])  # skip the large boundary cell arrays
         seg = np.asarray(mat["GTcls"]["Segmentation"][0, 0])
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+    except NotImplementedError as exc:  # scipy's answer to a v7.3 file
+        raise PrepareError(f"{path}: a MATLAB v7.3 (HDF5) file, which cannot be read; the SBD release "
+                           f"files are MATLAB v5, so re-download or re-save it with -v7 ({exc})") from exc
+    except (OSError, ValueError, KeyError, IndexError, TypeError, scipy.io.matlab.MatReadError) as exc:
         raise PrepareError(f"{path}: not an SBD class file with GTcls.Segmentation ({exc!r})") from exc
     if seg.ndim != 2 or seg.size == 0 or not np.issubdtype(seg.dtype, np.integer):
         raise PrepareError(f"{path}: GTcls.Segmentation must be a 2-D integer map, got {seg.dtype} {seg.shape}")
@@ -134,8 +141,15 @@ def prepare_coco(coco_root: str | os.PathLike, split: str, overwrite: bool = Fal
     """Semantic masks ``annotations/{split}2014/<image stem>.png`` from ``annotations/instances_{split}2014.json``.
 
     Pixel values: 0 = background, 1..80 = index of the category in sorted category-id order.
-    Crowd instances are skipped; later instances overwrite earlier ones (json order); images
-    without annotations get an all-0 mask. Existing PNGs are kept unless ``overwrite``.
+    Crowd instances are skipped; later instances overwrite earlier ones (json order). Existing
+    PNGs are kept unless ``overwrite``.
+
+    An image with no annotation at all gets no mask, so the readers pair it with no label:
+    ``prepare_lists`` leaves it out of every list, as the standard COCO-20i lists do (82,081
+    train / 40,137 val images), and ingest records it as unlabeled. A mask of such an image left
+    by an earlier run is removed. An image with only crowd annotations keeps an all-0 mask, as it
+    is in the standard lists. A malformed annotation raises ``PrepareError`` naming the json file,
+    the annotation id and the image id.
     """
     from pycocotools.coco import COCO  # deferred: only this step needs pycocotools
 
@@ -154,21 +168,30 @@ def prepare_coco(coco_root: str | os.PathLike, split: str, overwrite: bool = Fal
     if len(class_of) >= IGNORE_LABEL:
         raise PrepareError(f"{ann_file}: {len(class_of)} categories do not fit in a uint8 mask")
     out_dir = root / "annotations" / f"{split}2014"
-    counts = {"written": 0, "skipped_existing": 0, "empty": 0, "crowd_skipped": 0}
+    counts = {"written": 0, "skipped_existing": 0, "no_annotations": 0, "stale_removed": 0, "empty": 0,
+              "crowd_skipped": 0}
     for image_id in sorted(coco.imgs):
         info = coco.imgs[image_id]
         out = out_dir / f"{Path(info['file_name']).stem}.png"
+        anns = coco.imgToAnns.get(image_id, [])
+        if not anns:
+            counts["no_annotations"] += 1
+            if out.exists():
+                out.unlink()
+                counts["stale_removed"] += 1
+            continue
         if out.exists() and not overwrite:
             counts["skipped_existing"] += 1
             continue
         label = np.zeros((info["height"], info["width"]), dtype=np.uint8)
-        for ann in coco.imgToAnns.get(image_id, []):
+        for ann in anns:
             if ann.get("iscrowd", 0):
                 counts["crowd_skipped"] += 1
                 continue
-            if ann["category_id"] not in class_of:
-                raise PrepareError(f"{ann_file}: annotation {ann['id']} has unknown category {ann['category_id']}")
-            mask = _instance_mask(coco, ann)
+            where = f"{ann_file}: annotation {ann.get('id')} of image {image_id} ({info['file_name']})"
+            if ann.get("category_id") not in class_of:
+                raise PrepareError(f"{where} has unknown category {ann.get('category_id')}")
+            mask = _instance_mask(coco, ann, label.shape, where)
             if mask is not None:
                 label[mask > 0] = class_of[ann["category_id"]]
         counts["empty"] += int(not label.any())
@@ -176,19 +199,36 @@ def prepare_coco(coco_root: str | os.PathLike, split: str, overwrite: bool = Fal
         counts["written"] += 1
         if counts["written"] % 5000 == 0:
             log.info("%d / %d masks written", counts["written"], len(coco.imgs))
+    if counts["no_annotations"]:
+        log.info("%d images without annotations get no mask (%d masks of earlier runs removed)",
+                 counts["no_annotations"], counts["stale_removed"])
     return PrepareReport(out_dir, counts)
 
 
-def _instance_mask(coco, ann: dict) -> np.ndarray | None:
-    """Binary mask ``uint8 [H, W]`` of one instance, or None for a polygon with no area."""
+def _instance_mask(coco, ann: dict, shape: tuple[int, int], where: str) -> np.ndarray | None:
+    """Binary mask ``uint8 [H, W]`` of one instance, or None for a polygon with no area.
+
+    A segmentation that is missing, not a list of polygons or an RLE, or an RLE of another size
+    than the image (``shape``) raises ``PrepareError`` starting with ``where``.
+    """
+    if "segmentation" not in ann:
+        raise PrepareError(f"{where} has no 'segmentation'")
     seg = ann["segmentation"]
-    if isinstance(seg, list):
-        # pycocotools reads a 4-number polygon as a box and rejects shorter ones; both have no area
-        seg = [poly for poly in seg if len(poly) >= 6]
-        if not seg:
-            return None
-        ann = {**ann, "segmentation": seg}
-    return coco.annToMask(ann)
+    try:
+        if isinstance(seg, list):
+            # pycocotools reads a 4-number polygon as a box and rejects shorter ones; both have no area
+            seg = [poly for poly in seg if len(poly) >= 6]
+            if not seg:
+                return None
+            ann = {**ann, "segmentation": seg}
+        mask = coco.annToMask(ann)
+    except (TypeError, KeyError, IndexError, ValueError) as exc:
+        raise PrepareError(f"{where}: malformed segmentation, expected a list of polygons [[x1, y1, x2, y2, ...], "
+                           f"...] or an RLE {{'size': [h, w], 'counts': ...}} ({exc!r})") from exc
+    if mask.shape != shape:
+        raise PrepareError(f"{where}: segmentation is {mask.shape[1]}x{mask.shape[0]}, the image is "
+                           f"{shape[1]}x{shape[0]}")
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +257,9 @@ def prepare_lists(
     - ``train_{pct}.txt`` per fraction: ⌊fraction·N⌋ train images, the prefixes of one seeded
       permutation, so smaller subsets are contained in larger ones.
 
-    The same inputs and seed give byte-identical files.
+    A label holding a class id above the scheme's classes (other than 255, ignore) raises
+    ``PrepareError`` before any file is written: the scheme does not fit the dataset (see
+    ``default_scheme``). The same inputs and seed give byte-identical files.
     """
     root, out = Path(root), Path(out_dir)
     n_classes = num_classes_of(scheme, num_classes)
@@ -228,7 +270,9 @@ def prepare_lists(
 
     labeled = [*train, *val]
     log.info("reading %d labels for per-class areas", len(labeled))
-    present = dict(zip([r.image_id for r in labeled], _classes_present(labeled, n_classes, min_area)))
+    classes = _classes_present(labeled, n_classes, min_area)
+    _check_class_ids(labeled, [above for _, above in classes], scheme, n_classes)
+    present = dict(zip([r.image_id for r in labeled], [found for found, _ in classes]))
 
     counts = {"train": len(train), "val": len(val)}
     _write_lines(out / "train.txt", [_list_line(r, root) for r in train])
@@ -271,6 +315,13 @@ def prepare_fraction_lists(
     return PrepareReport(out, _write_fraction_lists(root, out, train, rng, fractions))
 
 
+def default_scheme(root: str | os.PathLike, layout: str) -> str:
+    """The fold scheme a dataset's layout implies: "coco" (COCO-20i) for the COCO layout, else "pascal"."""
+    if layout == "auto":
+        layout = detect_layout(root)
+    return "coco" if layout == "coco" else "pascal"
+
+
 def _check_fractions(fractions: tuple[float, ...]) -> None:
     for x in fractions:
         if not 0 < x <= 1:
@@ -306,7 +357,7 @@ def _train_val(
     if layout == "auto":
         layout = detect_layout(root)
     if layout == "coco":
-        return read_coco(root, "train"), read_coco(root, "val")
+        return _coco_with_masks(root, "train"), _coco_with_masks(root, "val")
     if layout != "voc":
         raise ValueError(f"{root}: split and fold lists need a labeled 'voc' or 'coco' layout, got {layout!r}")
     has_lists = all((root / "lists" / f"{s}.txt").is_file() for s in ("train", "val"))
@@ -323,16 +374,45 @@ def _train_val(
     return train, val
 
 
-def _classes_present(records: list[ImageRecord], num_classes: int, min_area: int) -> list[frozenset[int]]:
-    """Per record, the class ids 1..num_classes covering at least ``min_area`` pixels of its label."""
+def _coco_with_masks(root: Path, split: str) -> list[ImageRecord]:
+    """The COCO images of ``split`` that have a mask: ``prepare_coco`` makes none for an image without annotations."""
+    records = read_coco(root, split)
+    with_masks = [r for r in records if r.label_path is not None]
+    if not with_masks:
+        raise PrepareError(f"{root}: no {split} image has a mask in annotations/{split}2014/; "
+                           f"run `fss prepare coco --coco-root {root} --split {split}` first")
+    if len(with_masks) < len(records):
+        log.info("%s: %d %s images have no mask (no annotations): left out of the lists",
+                 root, len(records) - len(with_masks), split)
+    return with_masks
 
-    def present(record: ImageRecord) -> frozenset[int]:
-        areas = np.bincount(load_label(record.label_path).ravel(), minlength=256)[1 : num_classes + 1]
-        return frozenset((np.flatnonzero(areas >= min_area) + 1).tolist())
+
+def _classes_present(records: list[ImageRecord], num_classes: int,
+                     min_area: int) -> list[tuple[frozenset[int], list[int]]]:
+    """Per record, the class ids 1..num_classes covering at least ``min_area`` pixels of its label,
+    and the ids above ``num_classes`` (other than 255, ignore) found in it."""
+
+    def present(record: ImageRecord) -> tuple[frozenset[int], list[int]]:
+        areas = np.bincount(load_label(record.label_path).ravel(), minlength=256)
+        found = frozenset((np.flatnonzero(areas[1 : num_classes + 1] >= min_area) + 1).tolist())
+        above = (np.flatnonzero(areas[num_classes + 1 : IGNORE_LABEL]) + num_classes + 1).tolist()
+        return found, above
 
     # label decoding releases the GIL, so threads overlap file reads and PNG inflation
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return list(pool.map(present, records))
+
+
+def _check_class_ids(records: list[ImageRecord], above: list[list[int]], scheme: str, num_classes: int) -> None:
+    """A ``PrepareError`` naming the first label whose ids exceed the scheme's classes, if any does."""
+    bad = [i for i, ids in enumerate(above) if ids]
+    if bad:
+        first = records[bad[0]]
+        raise PrepareError(
+            f"{first.label_path}: label ids {above[bad[0]][:5]} exceed scheme {scheme!r}, which has "
+            f"{num_classes} classes ({len(bad)} of {len(records)} labels hold ids above {num_classes}); "
+            "choose the scheme (--scheme, and --num-classes for 'generic') that fits the dataset"
+        )
 
 
 def _list_line(record: ImageRecord, root: Path) -> str:
