@@ -13,6 +13,7 @@ from prefect import task
 from fss_core.config import PipelineConfig
 from tasks.evaluate import EvaluationSummary
 from tasks.registry import RegisteredVersion, register_model
+from tasks.tracking import tracking_uri
 from tasks.train import TrainOutcome
 from tasks.workspace import atomic_write_text
 
@@ -44,17 +45,22 @@ def model_score(trained: TrainOutcome, evaluation: EvaluationSummary | None) -> 
 
 def run_register(cfg: PipelineConfig, trained: TrainOutcome, evaluation: EvaluationSummary | None,
                  parent_run_id: str | None = None) -> RegisteredVersion:
-    """Register a bundle once: a re-run of an unchanged pipeline returns the recorded version."""
+    """Register a bundle once per tracking store: a re-run of an unchanged pipeline returns the
+    recorded version; a run against another store (or a record without one) registers it there."""
     record = Path(trained.bundle) / RECORD
+    store = tracking_uri(cfg)
     if record.is_file():
-        return RegisteredVersion(**json.loads(record.read_text()))
+        saved = json.loads(record.read_text())
+        if saved.pop("tracking_uri", None) == store:
+            return RegisteredVersion(**saved)
+        log.info("register: %s was registered in another tracking store; registering it in %s", trained.bundle, store)
     metrics, score_key = model_score(trained, evaluation)
     if score_key is None:
         log.warning("register: no score for %s (no labelled val images and no validation episodes); "
                     "it is registered unscored", trained.bundle)
     version = register_model(cfg, trained.bundle, metrics, parent_run_id, score_key=score_key,
                              bundle_key=trained.build_key)
-    atomic_write_text(record, json.dumps(asdict(version)))
+    atomic_write_text(record, json.dumps({**asdict(version), "tracking_uri": store}))
     return version
 
 

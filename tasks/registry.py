@@ -132,7 +132,9 @@ def _registered_from(client: MlflowClient, name: str, bundle_key: str | None) ->
     if bundle_key is None:
         return None
     try:
-        found = client.search_model_versions(f"name = '{name}' and tags.`{BUNDLE_TAG}` = '{bundle_key}'")
+        # MLflow's filter strings have no escapes: a name holding ' is quoted with "
+        quote = '"' if "'" in name else "'"
+        found = client.search_model_versions(f"name = {quote}{name}{quote} and tags.`{BUNDLE_TAG}` = '{bundle_key}'")
     except MlflowException:  # no such registered model yet
         return None
     return min(found, key=lambda v: int(v.version)) if found else None

@@ -255,3 +255,15 @@ def test_local_dask_workers_print_task_failures_without_tracebacks(monkeypatch):
     run = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "Task run failed" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_label_above_the_decompression_limit_is_an_image_read_error(tmp_path):
+    """A label whose header claims more pixels than the decoding limit is refused as unreadable,
+    naming the file, as an image is (the served model's callers then get a clean message)."""
+    from fss_core.data.images import ImageReadError, load_label
+
+    for width, height in ((10_000, 10_000), (30_000, 30_000)):
+        path = tmp_path / f"label{width}.png"
+        path.write_bytes(png_header_only(width, height))
+        with pytest.raises(ImageReadError, match=f"label{width}.png.*decompression"):
+            load_label(path)

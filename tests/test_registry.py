@@ -247,3 +247,23 @@ def test_a_bundle_registered_by_a_killed_run_is_not_registered_twice(workspace, 
     assert again.version == first.version == 1 and again.is_champion and other.version == 2
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
     assert int(client.get_model_version_by_alias(name, "champion").version) == 1
+
+
+def test_a_bundle_is_registered_once_per_tracking_store_and_names_may_hold_quotes(tmp_path):
+    """The bundle's registered.json says which store it was registered in: a run against another
+    store registers it there too. A workspace named bob's finds its versions like any other."""
+    from tasks.register import run_register
+    from tasks.train import TrainOutcome
+
+    bundle = tiny_bundle(tmp_path / "bundle", seed=40)
+    trained = TrainOutcome("key-q", "unsupervised", str(bundle), 0, 0.3, 0.5, cached=True)
+    versions = []
+    for store in ("a", "b", "a"):
+        cfg = load_config(None, [f"runtime.workspace={tmp_path / 'ws'}", "runtime.experiment=bob's",
+                                 f"runtime.mlflow_tracking_uri=sqlite:///{tmp_path / store}.db"])
+        ensure_experiment(cfg)
+        versions.append(run_register(cfg, trained, None).version)
+        name = registered_model_name(cfg)
+        stored = MlflowClient(f"sqlite:///{tmp_path / store}.db").search_model_versions(f"name = \"{name}\"")
+        assert len(stored) == 1, store  # registered once in each store, found again by its key
+    assert versions == [1, 1, 1]

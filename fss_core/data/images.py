@@ -76,11 +76,14 @@ def load_label(path: str | os.PathLike) -> np.ndarray:
     """Read a label PNG as ``uint8 [H, W]`` of class ids (palette indices for "P" images, 0/1 for 1-bit)."""
     try:
         with Image.open(path) as im:
+            _check_pixels(im)
             # "1" (1-bit) is read as booleans, so 0/1: converting it to "L" would turn class 1 into 255
             if im.mode not in ("1", "P", "L", "I", "I;16"):
                 im = im.convert("L")
             arr = np.asarray(im)
-    except (OSError, SyntaxError, ValueError) as exc:
+    except ImageReadError as exc:
+        raise ImageReadError(f"{path}: not a readable label image ({exc})") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"{path}: not a readable label image ({exc})") from exc
     if arr.dtype != np.uint8:
         if arr.max(initial=0) > 255:
