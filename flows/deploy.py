@@ -29,10 +29,10 @@ def build_deployments(
             entrypoint_type=EntrypointType.MODULE_PATH,
         )
     ]
-    try:
-        from flows.retrain import retrain
-    except ImportError:  # the retraining flow is optional for a pipeline-only server
-        return deployments
+    # Imported here, not at the top, but never optional: an import error in its modules is a bug
+    # to report, not a reason to serve without the scheduled retrain.
+    from flows.retrain import retrain
+
     deployments.append(
         retrain.to_deployment(
             name="scheduled",

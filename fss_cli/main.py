@@ -348,35 +348,86 @@ def ui(
     mlflow_port: int = 5000,
     prefect_port: int = 4200,
     host: Annotated[str, typer.Option(help="Interface both servers listen on; 0.0.0.0 exposes them to "
-                                           "the network (they have no authentication)")] = "127.0.0.1",
+                                           "the network (they have no authentication; set "
+                                           "PREFECT_UI_API_URL to the API address browsers reach)")] = "127.0.0.1",
 ) -> None:
-    """Start the MLflow UI (on the workspace's store) and the Prefect server, on 127.0.0.1 unless --host."""
+    """Start the MLflow UI (on the workspace's store) and the Prefect server, on 127.0.0.1 unless --host.
+
+    Ctrl-C or SIGTERM stops both. If one exits by itself (its port in use, say), so does the other, with an error."""
+    import signal
     import subprocess
-    import time
 
     cfg = _config(config, set_, workspace)
     from tasks.tracking import tracking_uri
 
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    procs = [
-        subprocess.Popen([str(bin_dir / "mlflow"), "server", "--backend-store-uri", tracking_uri(cfg),
-                          "--host", host, "--port", str(mlflow_port), "--workers", "1"], env=env),
-        subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", host,
-                          "--port", str(prefect_port)], env=env),
+    # `--port` alone moves the API but not the address the Prefect UI calls it at (127.0.0.1:4200,
+    # or PREFECT_API_URL): the server's own settings set both.
+    url_host = f"[{host}]" if ":" in host else host
+    prefect_env = {**env, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(prefect_port),
+                   "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL")
+                   or f"http://{url_host}:{prefect_port}/api"}
+    servers = [
+        ("MLflow server", mlflow_port, [str(bin_dir / "mlflow"), "server", "--backend-store-uri", tracking_uri(cfg),
+                                        "--host", host, "--port", str(mlflow_port), "--workers", "1"], env),
+        ("Prefect server", prefect_port, [str(bin_dir / "prefect"), "server", "start", "--host", host,
+                                          "--port", str(prefect_port)], prefect_env),
     ]
-    typer.echo(f"MLflow UI:  http://{host}:{mlflow_port}\nPrefect UI: http://{host}:{prefect_port}\n"
-               "Ctrl-C stops both.")
+    previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
+    procs: list[subprocess.Popen] = []
+    exited = None
     try:
-        while all(p.poll() is None for p in procs):
-            time.sleep(1)
-    except KeyboardInterrupt:
+        for _, _, command, server_env in servers:
+            procs.append(subprocess.Popen(command, env=server_env))
+        typer.echo(f"MLflow UI:  http://{url_host}:{mlflow_port}\nPrefect UI: http://{url_host}:{prefect_port}\n"
+                   "Ctrl-C stops both.")
+        exited = _wait_for_an_exit(procs)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM
         pass
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+        _stop_servers(procs)
+        signal.signal(signal.SIGTERM, previous_sigterm)
+    if exited is not None:
+        name, port = servers[exited][:2]
+        others = " and ".join(other[0] for i, other in enumerate(servers) if i != exited)
+        typer.secho(f"error: the {name} on port {port} exited with code {procs[exited].returncode} (its output "
+                    f"above says why: the port in use?); stopped the {others}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
+def _sigterm_as_ctrl_c(signum, frame) -> None:
+    """SIGTERM handler of `fss ui`: stop the servers as Ctrl-C does (a second SIGTERM is ignored
+    while they stop)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _wait_for_an_exit(procs) -> int:
+    """Wait until one of the processes ``procs`` exits; returns its index."""
+    import time
+
+    while True:
+        for i, proc in enumerate(procs):
+            if proc.poll() is not None:
+                return i
+        time.sleep(0.5)
+
+
+def _stop_servers(procs) -> None:
+    """Terminate the processes ``procs`` and wait for them; kill one that takes over 30 s."""
+    import subprocess
+
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @app.command("serve")
@@ -389,6 +440,14 @@ def serve_cmd(
 ) -> None:
     """Serve the deployments (pipeline: manual runs; retrain: cron) against PREFECT_API_URL."""
     _setup_logging()
+    with heavy_imports():
+        from prefect.settings import PREFECT_API_URL
+
+    # Without a server address Prefect would serve against a private temporary server, whose
+    # scheduler is off (the cron retrain never runs) and which no UI shows.
+    if not PREFECT_API_URL.value():
+        _fail("fss serve needs a Prefect server: start one (`fss ui` or `prefect server start`) and "
+              "export PREFECT_API_URL=http://127.0.0.1:4200/api, or the address of yours")
     overrides = list(set_ or [])
     if mlflow_tracking_uri:
         overrides.append(f"runtime.mlflow_tracking_uri={mlflow_tracking_uri}")

@@ -1,9 +1,16 @@
 """A saved model bundle rebuilds the same network: same outputs for the same episode."""
 
-import torch
+import re
 
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from fss_cli.main import app
 from fss_core.models.backbones import build_backbone
-from fss_core.models.fss.bundle import ModelSpec, load_bundle, save_bundle
+from fss_core.models.fss.bundle import SPEC_FILE, ModelSpec, load_bundle, save_bundle
 from fss_core.models.fss.network import FSSModelConfig, FSSNetwork
 
 
@@ -33,3 +40,30 @@ def test_bundle_keeps_the_adapter_layers(tmp_path):
     assert loaded_spec.config.adapter_layers == ("layer3", "layer4")
     assert loaded_spec.config.adapter_dropout == 0.2
     assert loaded.query_adapter[0].in_channels == 128 + 256
+
+
+@pytest.mark.parametrize("text, says", [
+    ("{}", "missing field 'backbone'"),
+    ('{"backbone": "small_cnn", "image_size": 41}', "missing field 'config'"),
+    ('{"backbone": "small_cnn", "image_size": 41, "config": {"hiden": 32}}', "hiden"),
+    ("[1, 2]", "not a JSON object"),
+    ("{not json", "not valid JSON"),
+])
+def test_a_malformed_model_json_is_named_with_what_is_wrong(tmp_path, text, says):
+    """The library and `fss predict` both name the file and the fault (was: `unexpected KeyError: 'backbone'`)."""
+    spec = ModelSpec("small_cnn", 41, FSSModelConfig(hidden=32, ffn=64, heads=4, fg_prototypes=4, bg_prototypes=6))
+    save_bundle(tmp_path / "m", FSSNetwork(build_backbone("small_cnn"), spec.config), spec)
+    (tmp_path / "m" / SPEC_FILE).write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'm' / SPEC_FILE}: ")) as err:
+        load_bundle(tmp_path / "m")
+    assert says in str(err.value)
+
+    image, mask = tmp_path / "s.png", tmp_path / "m.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(mask)
+    result = CliRunner().invoke(app, ["predict", "--bundle", str(tmp_path / "m"), "--support", f"{image}:{mask}",
+                                      "--query", str(image), "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"error: {tmp_path / 'm' / SPEC_FILE}: "), lines
+    assert says in lines[-1]

@@ -115,7 +115,7 @@ class FakeServer:
         return super().__new__(cls)
 
     def poll(self):
-        return 0  # "exited": the command stops waiting at once
+        raise KeyboardInterrupt  # Ctrl-C: the command stops both servers at once
 
     def terminate(self):
         pass

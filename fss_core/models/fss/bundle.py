@@ -35,9 +35,22 @@ class ModelSpec:
                            "config": dataclasses.asdict(self.config)}, indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> ModelSpec:
-        raw = json.loads(text)
-        return cls(raw["backbone"], int(raw["image_size"]), FSSModelConfig(**raw["config"]))
+    def from_json(cls, text: str, source: str = SPEC_FILE) -> ModelSpec:
+        """The spec ``text`` describes; a malformed one raises ValueError naming ``source`` (the
+        file it came from) and what is wrong."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source}: not valid JSON ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: not a JSON object")
+        missing = [field for field in ("backbone", "image_size", "config") if field not in raw]
+        if missing:
+            raise ValueError(f"{source}: missing field {', '.join(repr(field) for field in missing)}")
+        try:
+            return cls(raw["backbone"], int(raw["image_size"]), FSSModelConfig(**raw["config"]))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: not a valid model spec: {exc}") from exc
 
 
 def build_model(spec: ModelSpec, backbone_checkpoint: str | os.PathLike | None = None) -> FSSNetwork:
@@ -62,7 +75,7 @@ def load_bundle(folder: str | os.PathLike, map_location: str = "cpu") -> tuple[F
     folder = Path(folder)
     if not (folder / SPEC_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{folder} is not a model bundle (needs {SPEC_FILE} and {WEIGHTS_FILE})")
-    spec = ModelSpec.from_json((folder / SPEC_FILE).read_text())
+    spec = ModelSpec.from_json((folder / SPEC_FILE).read_text(), source=str(folder / SPEC_FILE))
     model = build_model(spec)
     state = load_tensors(folder / WEIGHTS_FILE, map_location=map_location)
     model.load_state_dict(state, strict=True)
