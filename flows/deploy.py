@@ -18,8 +18,13 @@ def build_deployments(
     dask_address: str | None = None,
     retrain_cron: str | None = "0 2 * * *",
 ) -> list[RunnerDeployment]:
-    """The deployments ``fss serve`` serves; parameters are editable per run in the UI."""
-    params = {"config_path": config_path, "overrides": list(overrides or []), "dask_address": dask_address}
+    """The deployments ``fss serve`` serves; parameters are editable per run in the UI.
+
+    ``overrides`` (what ``fss serve --set``/``--mlflow-tracking-uri`` give) become the flows'
+    ``serve_overrides``, and each run's own ``overrides`` start empty: Prefect replaces a
+    parameter a custom run sets, so a run's overrides must not be where the workspace is."""
+    params = {"config_path": config_path, "serve_overrides": list(overrides or []), "overrides": [],
+              "dask_address": dask_address}
     deployments = [
         pipeline.to_deployment(
             name="manual",

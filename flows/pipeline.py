@@ -130,13 +130,16 @@ def pipeline(
     dask_address: str | None = None,
     config: dict | None = None,
     until: str = "register",
+    serve_overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline on a config file (or dict) with ``section.key=value`` overrides,
     up to and including stage ``until``.
 
     Parameters are what the Prefect UI shows for a manual run of the deployment.
+    ``serve_overrides`` are the settings ``fss serve`` was started with (workspace, tracking
+    store), applied before ``overrides``: a run from the UI that sets its own overrides keeps them.
     """
-    cfg = load_config(config_path, overrides, base=config)
+    cfg = load_config(config_path, [*(serve_overrides or []), *(overrides or [])], base=config)
     if dask_address:
         cfg.runtime.dask_address = dask_address
     ws = workspace_of(cfg)

@@ -75,9 +75,13 @@ def retrain(
     overrides: list[str] | None = None,
     dask_address: str | None = None,
     config: dict | None = None,
+    serve_overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Check the source for new images; retrain from the champion when there are enough."""
-    cfg = load_config(config_path, overrides, base=config)
+    """Check the source for new images; retrain from the champion when there are enough.
+
+    ``serve_overrides`` are the settings ``fss serve`` was started with (workspace, tracking
+    store), applied before ``overrides``: a run from the UI that sets its own overrides keeps them."""
+    cfg = load_config(config_path, [*(serve_overrides or []), *(overrides or [])], base=config)
     if dask_address:
         cfg.runtime.dask_address = dask_address
     ws = workspace_of(cfg)

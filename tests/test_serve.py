@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+
 import json
 import os
 import signal
@@ -56,6 +57,31 @@ def test_serve_builds_the_manual_and_the_scheduled_deployments():
 
     deployments = build_deployments(retrain_cron="0 3 * * *")
     assert [d.name for d in deployments] == ["manual", "scheduled"]
+
+
+def test_a_custom_run_with_its_own_overrides_keeps_the_settings_serve_was_started_with(tmp_path):
+    """Prefect replaces a parameter a custom run sets: `fss serve`'s settings (the workspace,
+    the tracking store) live in their own parameter, so a run's overrides add to them."""
+    from flows.deploy import build_deployments
+    from flows.pipeline import pipeline
+    from flows.retrain import retrain
+
+    class Resolved(Exception):
+        """Raised by the stand-in config loader: the run stops once its settings are known."""
+
+    def load_config(path, overrides, base=None):
+        raise Resolved(overrides)
+
+    flows = {"manual": pipeline, "scheduled": retrain}
+    site = [f"runtime.workspace={tmp_path / 'ws'}", "runtime.mlflow_tracking_uri=http://mlflow:5000"]
+    for deployment in build_deployments(overrides=site):
+        assert deployment.parameters["serve_overrides"] == site and deployment.parameters["overrides"] == []
+        run = {**deployment.parameters, "overrides": ["train.epochs=1"]}  # what a custom run sends
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(f"{flows[deployment.name].fn.__module__}.load_config", load_config)
+            with pytest.raises(Resolved) as resolved:
+                flows[deployment.name].fn(**run)
+        assert resolved.value.args[0] == [*site, "train.epochs=1"], deployment.name
 
 
 def test_a_broken_retrain_flow_is_an_error_not_a_missing_schedule(monkeypatch):
