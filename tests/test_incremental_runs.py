@@ -20,7 +20,7 @@ from storage_schemas import CLUSTERS, EMBEDDINGS, open_store
 from tasks.extract import extract_block, finish_extraction, prepare_extraction
 from tasks.ingest import run_ingest, training_rows
 from tasks.registry import RegisteredVersion
-from tasks.workspace import source_root, workspace_of
+from tasks.workspace import source_root
 from tests.tiny_config import TINY
 
 pytestmark = pytest.mark.usefixtures("single_thread")
