@@ -142,6 +142,25 @@ def test_vanished_files_are_reported_and_kept(photo_folder):
     assert next(r for r in fourth.rows if r.image_id == "b").status == "ok"
 
 
+@pytest.mark.parametrize("orientation, size", [(6, (20, 20)), (6, (30, 20)), (3, (30, 20))])
+def test_a_labelled_image_turned_by_its_exif_tag_is_skipped_with_the_reason(tmp_path, orientation, size):
+    """An unlabelled image is read as displayed; a labelled one could have been annotated on its
+    stored or its displayed pixels, so it is skipped, naming the tag, rather than misaligned
+    (a square image or a 180° turn keeps the label's size, so sizes alone would not show it)."""
+    root = tmp_path / "voc"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    w, h = size
+    save_image(root / "JPEGImages" / "turned.jpg", w, h, seed=0, exif=exif)
+    save_image(root / "JPEGImages" / "plain.jpg", w, h, seed=1)
+    (root / "SegmentationClassAug").mkdir()
+    for name in ("turned", "plain"):
+        Image.fromarray(np.zeros((h, w), np.uint8), mode="L").save(root / "SegmentationClassAug" / f"{name}.png")
+    rows = {r.image_id: r for r in build_manifest(root, "voc").rows}
+    assert rows["plain"].status == "ok"
+    assert rows["turned"].status == "skipped" and f"EXIF orientation {orientation}" in rows["turned"].reason
+
+
 def test_labels_must_be_readable_and_match_the_image(tmp_path):
     root = tmp_path / "voc"
     for name, (w, h) in {"good": (20, 10), "small": (20, 10), "bad": (20, 10)}.items():

@@ -67,6 +67,16 @@ def _gray_to_uint8(im: Image.Image) -> np.ndarray:
     return np.clip(np.rint(values.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
+def exif_orientation(path: str | os.PathLike) -> int:
+    """The image's EXIF orientation tag: 1 (as stored) when it has none; 2-8 rotate or mirror it
+    for display, as :func:`load_rgb` does."""
+    try:
+        with Image.open(path) as im:
+            return int(im.getexif().get(0x0112, 1) or 1)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"{path}: not a readable image ({exc})") from exc
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) after EXIF orientation, decoding the whole file to prove it is readable."""
     return load_rgb(path).shape[:2]

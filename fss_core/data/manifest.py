@@ -30,7 +30,7 @@ import pydantic
 from PIL import Image
 from pydantic import BaseModel
 
-from fss_core.data.images import IGNORE_LABEL, ImageReadError, image_size, load_label
+from fss_core.data.images import IGNORE_LABEL, ImageReadError, exif_orientation, image_size, load_label
 from fss_core.data.layouts import ImageRecord, detect_layout, read_dataset
 from storage_schemas.manifest import (
     MANIFEST_SCHEMA_VERSION,
@@ -153,6 +153,14 @@ def _ingest_one(root: Path, record: ImageRecord, previous: ManifestRow | None,
         return ManifestRow(**base, status="skipped", reason=f"unreadable image ({_cause(exc)})"), outcome
     base.update(width=width, height=height)
     if record.label_path is not None:
+        orientation = exif_orientation(record.image_path)
+        if orientation != 1:
+            # The image is read rotated or mirrored for display, its label as stored: whether the
+            # label was drawn on the stored or the displayed pixels cannot be told, so neither is guessed.
+            return ManifestRow(**base, status="skipped",
+                               reason=f"EXIF orientation {orientation} turns the image for display but not its "
+                                      f"label {label_path}: save the image as displayed without the tag, or "
+                                      f"remove the tag if the label follows the stored pixels"), outcome
         try:
             label = load_label(record.label_path)
         except (ImageReadError, Image.DecompressionBombError) as exc:
