@@ -49,3 +49,9 @@ def small_image_scale(h: int, w: int, reference: int | None) -> float:
     if reference is None or longer >= reference:
         return 1.0
     return (longer / reference) ** 2
+
+
+def scaled_min_area(min_area: int, reference: int | None, h: int, w: int) -> int:
+    """An area threshold of ``min_area`` pixels (on full-size images) for an ``h × w`` image,
+    scaled by :func:`small_image_scale`; at least 1."""
+    return max(1, round(min_area * small_image_scale(h, w, reference)))

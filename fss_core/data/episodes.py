@@ -32,7 +32,8 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from fss_core.data.augment import EvalTransform, TrainTransform
 from fss_core.data.images import IGNORE_LABEL, load_label, load_rgb
 from fss_core.data.layouts import ImageRecord
-from fss_core.pseudo.task_index import PseudoTaskIndex, scaled_min_area
+from fss_core.geometry import scaled_min_area
+from fss_core.pseudo.task_index import PseudoTaskIndex
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from fss_core.data.images import IGNORE_LABEL, load_label, load_rgb, save_label
 from fss_core.data.layouts import ImageRecord
 from fss_core.evaluation.metric import FewShotSegMetric
 from fss_core.evaluation.overlays import render_overlay
-from fss_core.geometry import PadGeometry, pad_geometry, small_image_scale
+from fss_core.geometry import PadGeometry, pad_geometry, scaled_min_area
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def class_min_area(min_area: int, area_reference: int | None, h: int, w: int) ->
     ``min_area`` as it is. ``area_reference=None`` never scales. The threshold depends on the
     dataset only, never on a model's input size, so every model is scored on the same episodes.
     """
-    return max(1, round(min_area * small_image_scale(h, w, area_reference)))
+    return scaled_min_area(min_area, area_reference, h, w)
 
 
 def materialise_episodes(

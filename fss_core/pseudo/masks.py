@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from fss_core.clustering.kmeans import nearest_centroid_scores
 from fss_core.data.images import load_rgb, save_label
-from fss_core.geometry import pad_geometry, small_image_scale
+from fss_core.geometry import pad_geometry, scaled_min_area
 from storage_schemas import (
     EMBEDDINGS,
     FelzenszwalbParams,
@@ -105,7 +105,7 @@ def min_size_for(params: FelzenszwalbParams, area_reference: int | None, h: int,
     a small image is cut into about as many superpixels as a large one (the same rule as the
     pseudo-class ``min_area``). ``area_reference=None`` never scales.
     """
-    return max(1, round(params.min_size * small_image_scale(h, w, area_reference)))
+    return scaled_min_area(params.min_size, area_reference, h, w)
 
 
 def pseudo_mask(features: np.ndarray, valid_hw: tuple[int, int], image_hw: tuple[int, int], stride: int,

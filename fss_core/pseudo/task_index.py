@@ -43,7 +43,7 @@ import zarr
 from scipy import sparse
 
 from fss_core.data.images import IGNORE_LABEL, load_label
-from fss_core.geometry import pad_geometry, small_image_scale
+from fss_core.geometry import pad_geometry, scaled_min_area
 from fss_core.pseudo.masks import SIZE_MULTIPLE
 from storage_schemas import TASKS, TasksAttrs, create_store, open_store, read_attrs
 
@@ -170,16 +170,6 @@ class PseudoTaskIndex:
         return cls(image_ids=list(attrs.image_ids), num_clusters=attrs.num_clusters, min_area=attrs.min_area,
                    background_span=attrs.background_span, prior_max=attrs.prior_max_k,
                    prior_candidates=attrs.prior_max_candidates, **arrays)
-
-
-def scaled_min_area(min_area: int, area_reference: int | None, h: int, w: int) -> int:
-    """The minimum area for an ``h × w`` image (at least 1).
-
-    ``min_area`` is in pixels of the original image, as the reference counts it; an image whose
-    longer side is below ``area_reference`` has it scaled by :func:`small_image_scale`, so a
-    small image is not held to a large image's threshold. ``area_reference=None`` never scales.
-    """
-    return max(1, round(min_area * small_image_scale(h, w, area_reference)))
 
 
 def valid_pseudo_classes(mask: np.ndarray, min_area: int, background_span: float = 0.99) -> list[tuple[int, int]]:
