@@ -73,12 +73,16 @@ def records(cfg: PipelineConfig, split: str) -> list[ImageRecord]:
     return [ImageRecord(r.image_id, root / r.path, root / r.label_path, r.split) for r in labelled_rows(cfg, split)]
 
 
+def label_fraction_list(cfg: PipelineConfig) -> Path:
+    """The train_{5,10,20}.txt list of ``train.label_fraction``, next to the dataset's lists."""
+    return source_root(cfg) / "lists" / f"train_{cfg.train.label_fraction}.txt"
+
+
 def label_fraction_ids(cfg: PipelineConfig) -> list[str] | None:
-    """Image ids of the train_{5,10,20}.txt list next to the dataset's lists (finetune mode)."""
-    fraction = cfg.train.label_fraction
-    if fraction is None:
+    """Image ids of the label-fraction list (finetune mode); None without a fraction."""
+    if cfg.train.label_fraction is None:
         return None
-    path = source_root(cfg) / "lists" / f"train_{fraction}.txt"
+    path = label_fraction_list(cfg)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `fss prepare lists` for this dataset first")
     return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
@@ -114,7 +118,7 @@ def _label_inputs(cfg: PipelineConfig) -> list[str]:
     # the episodes' area rule (pseudo.min_area, scaled by pseudo.area_reference) picks their images
     inputs = [labels_digest(cfg, "train", "val"), f"min_area={cfg.pseudo.min_area}@{cfg.pseudo.area_reference}"]
     if cfg.train.label_fraction is not None:
-        path = source_root(cfg) / "lists" / f"train_{cfg.train.label_fraction}.txt"
+        path = label_fraction_list(cfg)
         inputs.append(hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing")
     return inputs
 
