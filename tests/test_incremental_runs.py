@@ -159,14 +159,21 @@ def _registered(ws: Path, version: int, name: str = "unsupervised-first") -> Non
     (bundle / "registered.json").write_text(json.dumps({"version": version}))
 
 
+def _registered_then_new_images(ws: Path):
+    """A registered model trained on the workspace's images, then ``NEW`` images arriving:
+    (config, number of images the model was trained on)."""
+    cfg = _config(ws)
+    _registered(ws, 1)
+    known = len(training_rows(cfg))
+    append_train_images(ws / "data" / "synthetic", NEW, classes=4, size=64)
+    return cfg, known
+
+
 @pytest.mark.parametrize("stage", ["prepare", "extract"])
 def test_new_images_stay_new_after_a_retrain_killed_before_it_registered_a_model(workspace, monkeypatch, stage):
     from flows.retrain import enough, new_images
 
-    cfg = _config(workspace)
-    _registered(workspace, 1)
-    known = len(training_rows(cfg))
-    append_train_images(workspace / "data" / "synthetic", NEW, classes=4, size=64)
+    cfg, known = _registered_then_new_images(workspace)
     assert new_images(cfg) == (NEW, known)
 
     _retrain_until(workspace, monkeypatch, stage)
@@ -180,10 +187,7 @@ def test_new_images_stay_new_after_a_retrain_killed_before_it_registered_a_model
 def test_images_a_registered_model_was_trained_on_are_no_longer_new(workspace, monkeypatch, stage):
     from flows.retrain import new_images
 
-    cfg = _config(workspace)
-    _registered(workspace, 1)
-    known = len(training_rows(cfg))
-    append_train_images(workspace / "data" / "synthetic", NEW, classes=4, size=64)
+    cfg, known = _registered_then_new_images(workspace)
     result = _retrain_until(workspace, monkeypatch, stage)
     if stage == "done":
         assert result["retrained"] is True and result["new_images"] == NEW
