@@ -10,15 +10,23 @@ switched off here, before the imports that follow: its collections would only wa
 imported objects over and over (``fss_cli.process`` explains the cost). Before each fork those
 objects are frozen out of the collector's reach for good, and the worker starts with the
 collector on, as a spawned one does, for the objects it creates itself.
+
+The workers ignore SIGINT. Ctrl-C at a terminal reaches every process of its foreground group;
+a worker that died of it would print its traceback and lose its task's cleanup, while the
+process that started the cluster stops its workers anyway as it handles the interruption. The
+forkserver itself ignores SIGINT and hands its forks the handlers it found after these imports,
+so setting it here reaches every worker.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 
 gc.disable()
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _fresh_random_states() -> None:

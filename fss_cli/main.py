@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from fss_cli.errors import OneLineErrors, debugging, hide_tracebacks_in_terminal_logs, quiet_local_workers
-from fss_cli.process import console_process, heavy_imports, start_temporary_prefect_server
+from fss_cli.process import console_process, hangup_and_term_interrupt, heavy_imports, start_temporary_prefect_server
 
 # Prefect reads these at import time: keep its state out of the user's home by default,
 # and send nothing to the network.
@@ -187,7 +187,7 @@ def _run_pipeline(cfg, dask_address: str | None, until: str = "register") -> dic
     from tasks.workspace import workspace_lock, workspace_of
 
     # Taken before Prefect starts, so a busy workspace fails at once; the flow re-enters it.
-    with workspace_lock(workspace_of(cfg).root, what=f"fss (until {until})"):
+    with hangup_and_term_interrupt(), workspace_lock(workspace_of(cfg).root, what=f"fss (until {until})"):
         if not debugging():
             quiet_local_workers()
         with heavy_imports():

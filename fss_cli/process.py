@@ -1,5 +1,5 @@
 """How the `fss` process starts and ends: its garbage collector, set for a short process that imports
-a large stack, and Prefect's temporary server started early.
+a large stack; Prefect's temporary server started early; and Ctrl-C.
 
 CPython's cyclic collector walks every object it tracks on each full collection, and runs one
 whenever the tracked objects have grown by a quarter. Importing torch, Prefect, MLflow, Dask and
@@ -21,6 +21,17 @@ the whole heap again and again.
 Only the console entry point turns this on (:func:`console_process`). A process that imports
 the CLI as a library, the test suite for one, keeps the collector as it was: freezing there would
 keep whatever happened to be alive out of the collector's reach for good.
+
+Ctrl-C at a terminal sends SIGINT to every process of the foreground group, not only to `fss`.
+Prefect's temporary server (a uvicorn process) died of it at once, so the flow engine, which
+records the interruption on that server before it lets go, retried against a closed port for
+minutes and the command ended on a connection error. The temporary server therefore runs in a
+session of its own (:func:`start_temporary_prefect_server`): Ctrl-C reaches only `fss`, which
+records the run as crashed, stops the Dask cluster and then the server (Prefect's exit handler),
+and exits with 130. Since a terminal's hangup and a plain ``kill`` no longer reach the server
+either, :func:`hangup_and_term_interrupt` turns both into the same interruption in `fss`, so the
+server is still stopped. The local Dask workers ignore SIGINT for the same reason
+(``flows.forkserver_setup``): the flow's process stops them as it closes its cluster.
 """
 
 from __future__ import annotations
@@ -29,6 +40,8 @@ import atexit
 import contextlib
 import gc
 import logging
+import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 
@@ -91,6 +104,7 @@ def start_temporary_prefect_server() -> threading.Thread | None:
         try:
             from prefect.server.api.server import SubprocessASGIServer
 
+            detach_temporary_servers()
             SubprocessASGIServer().start()
         except Exception:  # noqa: BLE001 - the flow's own start raises it again, with Prefect's message
             log.debug("the temporary Prefect server did not start early", exc_info=True)
@@ -98,3 +112,50 @@ def start_temporary_prefect_server() -> threading.Thread | None:
     thread = threading.Thread(target=boot, name="prefect-temporary-server", daemon=True)
     thread.start()
     return thread
+
+
+class _NewSessionSubprocess:
+    """The ``subprocess`` module as Prefect's server module sees it: its ``Popen`` starts the
+    child in a session of its own, away from the terminal's signals; the rest is unchanged."""
+
+    def __getattr__(self, name: str):
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args, **kwargs) -> subprocess.Popen:  # noqa: N802 - the name it stands in for
+        kwargs.setdefault("start_new_session", True)
+        return subprocess.Popen(*args, **kwargs)
+
+
+def detach_temporary_servers() -> None:
+    """Start Prefect's temporary servers in a session of their own from now on (module doc).
+
+    This process's own start and a start by the flow engine go through the same module, so both
+    are covered. The server is still stopped at this process's exit, by Prefect's exit handler."""
+    import prefect.server.api.server as server_module
+
+    if not isinstance(server_module.subprocess, _NewSessionSubprocess):
+        server_module.subprocess = _NewSessionSubprocess()
+
+
+def _interrupt(signum, frame) -> None:
+    # Once: while the run winds down, a second hangup or SIGTERM is ignored (Ctrl-C still works).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def hangup_and_term_interrupt() -> Iterator[None]:
+    """Inside, SIGHUP (the terminal closed) and SIGTERM (``kill``) end the command as Ctrl-C does,
+    so its exit handlers still stop the temporary server and the workers. Outside the main thread
+    (where signals cannot be handled) a no-op; the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGHUP, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
