@@ -10,14 +10,25 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fss_core.data.folds import NUM_FOLDS
+
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key."""
+
+
+Fold = Annotated[int, Field(ge=0, lt=NUM_FOLDS)]  # every fold scheme has folds 0..3
+
+
+def _distinct(value: list) -> list:
+    if len(set(value)) != len(value):
+        raise ValueError(f"{value} lists a value twice")
+    return value
 
 
 class _Section(BaseModel):
@@ -99,7 +110,7 @@ class TrainConfig(_Section):
     """Stages D-E: the FSS model and its training."""
 
     mode: Literal["unsupervised", "finetune", "supervised"] = "unsupervised"
-    fold: int = Field(0, ge=0)
+    fold: Fold = 0
     label_fraction: Literal[5, 10, 20] | None = None
     shots: int = Field(1, ge=1)
     epochs: int = Field(200, ge=1)
@@ -156,10 +167,10 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     """Stage F: the few-shot evaluation protocol."""
 
-    folds: list[int] = [0, 1, 2, 3]
-    shots: list[int] = [1, 5]
+    folds: list[Fold] = Field([0, 1, 2, 3], min_length=1)
+    shots: list[Annotated[int, Field(ge=1)]] = Field([1, 5], min_length=1)
     episodes: int | None = Field(None, ge=1, description="None = 1000 (PASCAL-like) or 5000 (COCO)")
-    seeds: list[int] = [0, 1, 2, 3, 4]
+    seeds: list[int] = Field([0, 1, 2, 3, 4], min_length=1)
     baseline_threshold: float = Field(0.6, gt=0, lt=1, description="min-max normalised similarity threshold")
     overlays: int = Field(8, ge=0)
     min_area: int = Field(2048, ge=1, description="a novel class counts in a val image (to pick queries and "
@@ -167,6 +178,8 @@ class EvaluateConfig(_Section):
                           "of pseudo.min_area so pseudo-task settings never change the test set")
     area_reference: int | None = Field(473, ge=1, description="images whose longer side is shorter have min_area "
                                        "scaled by (longer side / area_reference)^2; null = never scaled")
+
+    _distinct_entries = field_validator("folds", "shots", "seeds")(_distinct)
 
 
 LABEL_FRACTIONS = (5, 10, 20)  # % of the labelled train images in the lists train_{5,10,20}.txt

@@ -67,6 +67,19 @@ def test_wrong_type_names_key_and_value():
         load_config(None, ["train.epochs=many"])
 
 
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("evaluate.folds=[4]", r"evaluate\.folds\.0.*less than 4"), ("train.fold=4", r"train\.fold.*less than 4"),
+     ("evaluate.folds=[]", r"evaluate\.folds.*at least 1"), ("evaluate.shots=[0]", r"evaluate\.shots\.0"),
+     ("evaluate.shots=[1,1]", r"evaluate\.shots.*twice"), ("evaluate.seeds=[]", r"evaluate\.seeds.*at least 1")],
+)
+def test_evaluation_settings_that_cannot_run_fail_when_read_not_after_training(override, named):
+    """A fold outside 0..3, no fold, shot count or seed, or one listed twice, is refused with the
+    config, before any stage runs."""
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, [override])
+
+
 def test_finetune_needs_a_label_fraction():
     with pytest.raises(ConfigError, match="label_fraction"):
         load_config(None, ["train.mode=finetune"])
