@@ -46,6 +46,10 @@ def one_line(exc: BaseException) -> str:
     return f"unexpected {type(exc).__name__}: {message or repr(exc)} (set {DEBUG_ENV}=1 to see the traceback)"
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM/SIGHUP in a run), with what the person should know about it."""
+
+
 class OneLineErrors(TyperGroup):
     """The root group: any exception from a command becomes ``error: ...`` and exit code 1."""
 
@@ -56,8 +60,9 @@ class OneLineErrors(TyperGroup):
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, TyperException):  # exits, aborts and usage errors: Typer reports them
             raise
-        except KeyboardInterrupt:
-            typer.secho("error: interrupted", fg=typer.colors.RED, err=True)
+        except KeyboardInterrupt as exc:
+            detail = f": {exc}" if isinstance(exc, Interrupted) and str(exc) else ""
+            typer.secho(f"error: interrupted{detail}", fg=typer.colors.RED, err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as exc:
             if debugging():

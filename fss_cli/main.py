@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from fss_cli.errors import OneLineErrors, debugging, hide_tracebacks_in_terminal_logs, quiet_local_workers
+from fss_cli.errors import Interrupted, OneLineErrors, debugging, hide_tracebacks_in_terminal_logs, quiet_local_workers
 from fss_cli.process import console_process, hangup_and_term_interrupt, heavy_imports, start_temporary_prefect_server
 
 # Prefect reads these at import time: keep its state out of the user's home by default,
@@ -202,7 +202,10 @@ def _run_pipeline(cfg, dask_address: str | None, until: str = "register") -> dic
             hide_tracebacks_in_terminal_logs()  # Prefect installs its console handlers on import
         if server is not None:
             server.join()
-        return pipeline(config=cfg.model_dump(mode="json"), dask_address=dask_address, until=until)
+        try:
+            return pipeline(config=cfg.model_dump(mode="json"), dask_address=dask_address, until=until)
+        except KeyboardInterrupt:
+            raise Interrupted("what was done is kept in the workspace; the same command resumes from there") from None
 
 
 def _stage_command(until: str, doc: str):

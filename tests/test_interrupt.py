@@ -103,7 +103,7 @@ def test_an_interrupted_run_stops_at_once_and_the_next_run_finishes_it(tmp_path,
     out = log.read_text()
 
     assert code == 130, out
-    assert "error: interrupted" in out
+    assert "error: interrupted: what was done is kept in the workspace; the same command resumes" in out
     assert "Traceback" not in out, out
     assert "ConnectError" not in out and "Connection refused" not in out, out
     assert took < 60, f"{took:.0f} s to stop"
