@@ -357,7 +357,6 @@ def ui(
     """Start the MLflow UI (on the workspace's store) and the Prefect server, on 127.0.0.1 unless --host.
 
     Ctrl-C or SIGTERM stops both. If one exits by itself (its port in use, say), so does the other, with an error."""
-    import signal
     import subprocess
 
     cfg = _config(config, set_, workspace)
@@ -377,35 +376,25 @@ def ui(
         ("Prefect server", prefect_port, [str(bin_dir / "prefect"), "server", "start", "--host", host,
                                           "--port", str(prefect_port)], prefect_env),
     ]
-    previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
     procs: list[subprocess.Popen] = []
     exited = None
-    try:
-        for _, _, command, server_env in servers:
-            procs.append(subprocess.Popen(command, env=server_env))
-        typer.echo(f"MLflow UI:  http://{url_host}:{mlflow_port}\nPrefect UI: http://{url_host}:{prefect_port}\n"
-                   "Ctrl-C stops both.")
-        exited = _wait_for_an_exit(procs)
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM
-        pass
-    finally:
-        _stop_servers(procs)
-        signal.signal(signal.SIGTERM, previous_sigterm)
+    with hangup_and_term_interrupt():  # SIGTERM (and a closed terminal) stop the servers as Ctrl-C does
+        try:
+            for _, _, command, server_env in servers:
+                procs.append(subprocess.Popen(command, env=server_env))
+            typer.echo(f"MLflow UI:  http://{url_host}:{mlflow_port}\nPrefect UI: http://{url_host}:{prefect_port}\n"
+                       "Ctrl-C stops both.")
+            exited = _wait_for_an_exit(procs)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP
+            pass
+        finally:
+            _stop_servers(procs)
     if exited is not None:
         name, port = servers[exited][:2]
         others = " and ".join(other[0] for i, other in enumerate(servers) if i != exited)
         typer.secho(f"error: the {name} on port {port} exited with code {procs[exited].returncode} (its output "
                     f"above says why: the port in use?); stopped the {others}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
-
-
-def _sigterm_as_ctrl_c(signum, frame) -> None:
-    """SIGTERM handler of `fss ui`: stop the servers as Ctrl-C does (a second SIGTERM is ignored
-    while they stop)."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
 
 
 def _wait_for_an_exit(procs) -> int:

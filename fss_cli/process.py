@@ -148,7 +148,8 @@ def _interrupt(signum, frame) -> None:
 @contextlib.contextmanager
 def hangup_and_term_interrupt() -> Iterator[None]:
     """Inside, SIGHUP (the terminal closed) and SIGTERM (``kill``) end the command as Ctrl-C does,
-    so its exit handlers still stop the temporary server and the workers. Outside the main thread
+    so its cleanup still runs: a run's exit handlers stop the temporary server and the workers,
+    `fss ui` stops its servers. Outside the main thread
     (where signals cannot be handled) a no-op; the previous handlers come back afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
