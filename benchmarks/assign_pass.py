@@ -3,15 +3,16 @@
 The reference clusters features of a 473 px canvas and assigns every pixel's cluster from a
 second extraction on a 640 px canvas. The pipeline assigns from the stored embeddings of its one
 extraction (``extract.long_side``). This script measures what a second, larger pass would give:
-on a workspace whose pseudo masks exist (``fss pseudo``), it recomputes each training image's
-features on canvases of the given sizes, assigns them to the workspace's centroids exactly as the
-pipeline does (valid cells, bilinear map, superpixel vote), and scores the masks against the
+on a workspace whose pseudo masks exist (``fss pseudo``, with the ``--config`` and ``--set``
+given here), it recomputes each training image's features on canvases of the given sizes,
+assigns them to the workspace's centroids exactly as the pipeline does (valid cells, bilinear map, superpixel vote), and scores the masks against the
 ground truth with the pipeline's quality report (Hungarian mIoU). The size equal to
 ``extract.long_side`` must reproduce the workspace's own report to within ``AGREEMENT`` (the
 recomputed features differ from the stored ones by rounding only: batch composition, autocast):
 a check that the recomputation is the pipeline's.
 
     python benchmarks/assign_pass.py --workspace demo-workspace --sizes 128 152 176 256
+    python benchmarks/assign_pass.py --workspace W --config pascal.yaml --sizes 473 640
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fss_core.config import PipelineConfig  # noqa: E402
+from fss_core.config import PipelineConfig, load_config  # noqa: E402
 from fss_core.data.images import load_rgb, save_label  # noqa: E402
 from fss_core.embeddings.extract import embed_batch, feature_grid, preprocess, valid_cells  # noqa: E402
 from fss_core.embeddings.pca import load_projection  # noqa: E402
@@ -41,14 +41,6 @@ from tasks.pseudo import _Labelled, dataset_num_classes, felzenszwalb_params  # 
 from tasks.workspace import source_root, workspace_of  # noqa: E402
 
 AGREEMENT = 0.002  # mIoU
-
-
-def workspace_config(workspace: Path) -> PipelineConfig:
-    """The resolved config of the workspace's latest run."""
-    runs = sorted((workspace / "runs").glob("*/config.yaml"))
-    if not runs:
-        raise SystemExit(f"{workspace}: no runs/*/config.yaml; run `fss pseudo` there first")
-    return PipelineConfig.model_validate(yaml.safe_load(runs[-1].read_text()))
 
 
 def masks_at(cfg: PipelineConfig, long_side: int, out_dir: Path) -> None:
@@ -78,11 +70,14 @@ def masks_at(cfg: PipelineConfig, long_side: int, out_dir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workspace", type=Path, required=True)
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml",
+                        help="the config the workspace was built with (default: the demo's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="and its overrides")
     parser.add_argument("--sizes", type=int, nargs="+", required=True, help="canvas long sides to assign from")
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = workspace_config(args.workspace)
+    cfg = load_config(args.config, [*args.overrides, f"runtime.workspace={args.workspace}"])
     ws = workspace_of(cfg)
     root = source_root(cfg)
     labelled = [_Labelled(r.image_id, root / r.label_path) for r in training_rows(cfg) if r.label_path]
