@@ -99,6 +99,10 @@ def start_temporary_prefect_server() -> threading.Thread | None:
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return None
+    # Registered here, on the main thread, before the server can exist: if the command is
+    # interrupted while the thread is starting the server, Prefect's own exit handler may not be
+    # registered yet, and a server in a session of its own would outlive the command.
+    atexit.register(stop_detached_servers)
 
     def boot() -> None:
         try:
@@ -115,23 +119,65 @@ def start_temporary_prefect_server() -> threading.Thread | None:
 
 
 class _NewSessionSubprocess:
-    """The ``subprocess`` module as Prefect's server module sees it: its ``Popen`` starts the
-    child in a session of its own, away from the terminal's signals; the rest is unchanged."""
+    """The ``subprocess`` module as Prefect's server module sees it: its ``Popen`` is
+    :func:`start_detached`; the rest is unchanged."""
 
     def __getattr__(self, name: str):
         return getattr(subprocess, name)
 
     @staticmethod
     def Popen(*args, **kwargs) -> subprocess.Popen:  # noqa: N802 - the name it stands in for
-        kwargs.setdefault("start_new_session", True)
-        return subprocess.Popen(*args, **kwargs)
+        return start_detached(*args, **kwargs)
+
+
+_detached_lock = threading.Lock()
+_detached: list[subprocess.Popen] = []
+_detached_closed = False
+
+
+def start_detached(*args, **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` in a session of its own, away from the terminal's signals, and
+    recorded for :func:`stop_detached_servers`. Refused once that has run: the process exits."""
+    kwargs.setdefault("start_new_session", True)
+    with _detached_lock:
+        if _detached_closed:
+            raise RuntimeError("this process is exiting: no new server is started")
+        process = subprocess.Popen(*args, **kwargs)
+        _detached.append(process)
+    return process
+
+
+def stop_detached_servers(timeout: float = 5.0) -> None:
+    """Stop every process :func:`start_detached` started that is still running, and start no
+    more: at exit.
+
+    Prefect's exit handler normally has stopped its server already, and then this does nothing.
+    It covers an exit while the server is being started on another thread, before Prefect has
+    registered that handler: it waits for a process being created, then stops it."""
+    global _detached_closed
+    if not _detached_lock.acquire(timeout=30):
+        log.warning("a temporary Prefect server is still starting; it may outlive this command")
+        return
+    try:
+        _detached_closed = True
+        for process in _detached:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+    finally:
+        _detached_lock.release()
 
 
 def detach_temporary_servers() -> None:
     """Start Prefect's temporary servers in a session of their own from now on (module doc).
 
     This process's own start and a start by the flow engine go through the same module, so both
-    are covered. The server is still stopped at this process's exit, by Prefect's exit handler."""
+    are covered. The server is still stopped at this process's exit, by Prefect's exit handler
+    (or by :func:`stop_detached_servers`, which :func:`start_temporary_prefect_server` registers)."""
     import prefect.server.api.server as server_module
 
     if not isinstance(server_module.subprocess, _NewSessionSubprocess):

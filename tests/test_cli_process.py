@@ -120,9 +120,12 @@ def test_with_a_configured_server_no_temporary_one_is_started(prefect_harness):
     assert start_temporary_prefect_server() is None
 
 
-def test_without_a_server_the_flow_finds_the_temporary_one_started_early(tmp_path):
+@pytest.mark.parametrize("prefect_stops_it", [True, False])
+def test_without_a_server_the_flow_finds_the_temporary_one_started_early(tmp_path, prefect_stops_it):
     """The temporary server started before the imports is the one Prefect's client then uses,
-    already answering; Prefect stops it when the process exits."""
+    already answering; it is stopped when the process exits, by Prefect's exit handler or, where
+    the process exits before Prefect has registered that handler (Ctrl-C as the server starts),
+    by the one `start_temporary_prefect_server` registers first."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
@@ -138,8 +141,11 @@ def test_without_a_server_the_flow_finds_the_temporary_one_started_early(tmp_pat
         with get_client(sync_client=True) as client:
             assert str(client.api_url).rstrip("/") == server.api_url, (client.api_url, server.api_url)
             assert client.api_healthcheck() is None  # None: healthy
+        if not PREFECT_STOPS_IT:
+            import atexit
+            atexit.unregister(server.stop)
         print(server.server_process.pid)
-    """)
+    """).replace("PREFECT_STOPS_IT", str(prefect_stops_it))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     pid = int(done.stdout.strip().splitlines()[-1])

@@ -170,3 +170,42 @@ def test_local_dask_workers_ignore_ctrl_c(tmp_path):
     """)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "worker ignores SIGINT: True" in done.stdout
+
+
+
+def test_a_server_started_as_the_command_exits_does_not_outlive_it():
+    """The window Prefect's own exit handler leaves: the server's process exists but its stop is
+    not registered yet when the command exits (Ctrl-C at that moment). The handler that
+    `start_temporary_prefect_server` registers beforehand stops it, and refuses later starts."""
+    import psutil
+
+    done = _python("""
+        import atexit, os, sys
+        from fss_cli import process
+
+        SERVER = [sys.executable, "-c", "import time; time.sleep(300)"]
+
+        def start_after_the_stop():
+            try:
+                process.start_detached(SERVER)
+                print("started after the stop")
+            except RuntimeError as error:
+                print("refused:", error)
+
+        atexit.register(start_after_the_stop)  # handlers run last-in first-out: after the stop
+        atexit.register(process.stop_detached_servers)  # as start_temporary_prefect_server does
+        server = process.start_detached(SERVER)
+        print("pid", server.pid, "own session", os.getsid(server.pid) != os.getsid(0), flush=True)
+        # the process exits here, with no handler of Prefect's to stop the server
+    """)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "own session True" in done.stdout, done.stdout
+    assert "refused: this process is exiting" in done.stdout, done.stdout
+    pid = int(re.search(r"pid (\d+)", done.stdout).group(1))
+    try:
+        alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        alive = False
+    if alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "the server started as the command exited outlived it"
