@@ -130,6 +130,7 @@ def test_without_a_server_the_flow_finds_the_temporary_one_started_early(tmp_pat
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     code = textwrap.dedent("""
+        import sys
         from fss_cli.process import start_temporary_prefect_server
         from prefect.client.orchestration import get_client
         from prefect.server.api.server import SubprocessASGIServer
@@ -141,12 +142,13 @@ def test_without_a_server_the_flow_finds_the_temporary_one_started_early(tmp_pat
         with get_client(sync_client=True) as client:
             assert str(client.api_url).rstrip("/") == server.api_url, (client.api_url, server.api_url)
             assert client.api_healthcheck() is None  # None: healthy
-        if not PREFECT_STOPS_IT:
+        if sys.argv[1] == "without-prefect-stop":
             import atexit
             atexit.unregister(server.stop)
         print(server.server_process.pid)
-    """).replace("PREFECT_STOPS_IT", str(prefect_stops_it))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    """)
+    case = "with-prefect-stop" if prefect_stops_it else "without-prefect-stop"
+    done = subprocess.run([sys.executable, "-c", code, case], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     pid = int(done.stdout.strip().splitlines()[-1])
     deadline = time.time() + 30
