@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="fss-test-prefect-"))
+atexit.register(shutil.rmtree, _SESSION_HOME, ignore_errors=True)  # each run (and test process) leaves none
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME)
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
