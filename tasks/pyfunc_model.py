@@ -41,7 +41,7 @@ from PIL import Image
 
 import fss_core
 import storage_schemas
-from fss_core.data.images import ImageReadError, label_palette, load_label, load_rgb
+from fss_core.data.images import ImageReadError, label_palette, load_mask, load_rgb
 from fss_core.evaluation.protocol import ModelPredictor
 from fss_core.inference.predict import PredictInputError, predict
 from fss_core.models.fss.bundle import SPEC_FILE, WEIGHTS_FILE, load_bundle
@@ -154,7 +154,7 @@ class FSSPyfuncModel(mlflow.pyfunc.PythonModel):
         for (images, masks), rows in groups.items():
             supports = [
                 (_decode(image, load_rgb, f"row {rows[0]}: support_images[{shot}]"),
-                 _decode(mask, load_label, f"row {rows[0]}: support_masks[{shot}]"))
+                 _decode(mask, load_mask, f"row {rows[0]}: support_masks[{shot}]"))
                 for shot, (image, mask) in enumerate(zip(images, masks))
             ]
             try:

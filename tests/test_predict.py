@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fss_core.data.images import load_label, save_rgb
+from fss_core.data.images import ImageReadError, load_label, load_mask, save_rgb
 from fss_core.evaluation.protocol import EpisodeInput
 from fss_core.inference.predict import PredictInputError, predict, save_masks
 from fss_core.models.fss import FSSModelConfig, FSSNetwork
@@ -80,6 +80,53 @@ def test_mask_encodings_and_files_are_equivalent(tmp_path):
     expected = predict(ColourPredictor(), [(rgb, mask)], [query], image_size=IMAGE_SIZE)[0]
     for support in [(rgb, mask * 255), (rgb, mask.astype(bool)), (tmp_path / "support.png", tmp_path / "mask255.png")]:
         assert (predict(ColourPredictor(), [support], [query], image_size=IMAGE_SIZE)[0] == expected).all()
+
+
+def test_mask_files_read_as_nonzero_in_every_lossless_encoding(tmp_path):
+    """Whatever tool drew the mask, its nonzero pixels, and only those, are the foreground; fully
+    transparent pixels are background even where their colour is not black."""
+    rgb, mask = scene(30, 40, (5, 5, 12, 20))
+    query = scene(30, 30, (3, 3, 10, 10), seed=5)[0]
+    expected = predict(ColourPredictor(), [(rgb, mask)], [query], image_size=IMAGE_SIZE)[0]
+    fg = mask.astype(bool)
+    palette = Image.fromarray(mask * 3, mode="P")  # index 3 for the object, index 0 drawn white
+    palette.putpalette([255, 255, 255] + [0, 0, 0] * 255)
+    transparent_index = Image.fromarray(np.where(fg, 1, 2).astype(np.uint8), mode="P")
+    transparent_index.putpalette([0, 0, 0, 255, 0, 0, 255, 255, 255] + [0, 0, 0] * 253)
+    transparent_index.info["transparency"] = 2  # the background: white, but transparent
+    white_on_clear = np.zeros((30, 40, 4), dtype=np.uint8)
+    white_on_clear[..., :3] = 255  # colour everywhere, the object opaque, the rest clear
+    white_on_clear[..., 3] = fg * 255
+    dark_blue = np.zeros((30, 40, 3), dtype=np.uint8)
+    dark_blue[fg] = (0, 0, 1)  # grey conversion would round this to 0
+    files = {
+        "bits.png": Image.fromarray(fg).convert("1"),
+        "grey255.png": Image.fromarray(mask * 255),
+        "grey16.png": Image.fromarray(mask.astype(np.uint16) * 65535),
+        "palette.png": palette,
+        "transparent_index.png": transparent_index,
+        "white_on_clear.png": Image.fromarray(white_on_clear, mode="RGBA"),
+        "dark_blue.bmp": Image.fromarray(dark_blue),
+        "grey.tiff": Image.fromarray(mask * 7),
+    }
+    for name, image in files.items():
+        image.save(tmp_path / name)
+        np.testing.assert_array_equal(load_mask(tmp_path / name), mask, err_msg=name)
+        got = predict(ColourPredictor(), [(rgb, tmp_path / name)], [query], image_size=IMAGE_SIZE)[0]
+        assert (got == expected).all(), name
+
+
+def test_a_jpeg_mask_is_refused_naming_the_file(tmp_path):
+    """JPEG compression leaves faint nonzero values across the background: read as nonzero, the
+    mask would grow stray foreground, so it is refused with the way out."""
+    rgb, mask = scene(30, 40, (5, 5, 12, 20))
+    Image.fromarray(mask * 255).save(tmp_path / "drawn.jpg", quality=75)
+    noisy = np.asarray(Image.open(tmp_path / "drawn.jpg"))
+    assert ((noisy != 0) & (mask == 0)).any()  # what reading it would have done
+    with pytest.raises(PredictInputError, match=r"support 1 mask: .*drawn.jpg.*JPEG.*save the mask as PNG"):
+        predict(ColourPredictor(), [(rgb, tmp_path / "drawn.jpg")], [rgb])
+    with pytest.raises(ImageReadError, match=r"drawn.jpg.*a label cannot be a JPEG"):
+        load_label(tmp_path / "drawn.jpg")
 
 
 def test_missing_mask_file_is_named(tmp_path):

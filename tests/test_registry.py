@@ -140,6 +140,10 @@ def test_bad_input_is_rejected_with_a_message_naming_row_and_field(logged):
     assert err.value.get_http_status_code() == 400  # what `mlflow models serve` answers, with this message
     with pytest.raises(PredictInputError, match=r"row 0: support_masks\[0\]: not valid base64"):
         model.predict([{**good, "support_masks": ["not base64!"]}])
+    jpeg = io.BytesIO()
+    Image.fromarray(mask * 255).save(jpeg, format="JPEG")
+    with pytest.raises(PredictInputError, match=r"row 0: support_masks\[0\]: .*cannot be a JPEG.*PNG"):
+        model.predict([{**good, "support_masks": [base64.b64encode(jpeg.getvalue()).decode()]}])
     with pytest.raises(PredictInputError, match=r"row 0: query: not a readable"):
         model.predict([{**good, "query": base64.b64encode(b"no image here").decode()}])
     with pytest.raises(PredictInputError, match=r"row 0: 1 support_images but 2 support_masks"):

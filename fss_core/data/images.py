@@ -6,7 +6,8 @@ RGBA images are converted (alpha is dropped); 16-bit and 32-bit grayscale are sc
 8 bits, not clipped. An image larger than ``Image.MAX_IMAGE_PIXELS`` (Pillow's
 decompression-bomb limit, about 89 megapixels) is refused before it is decoded. Labels are
 single-channel ``uint8 [H, W]`` (class ids, 255 = ignore); palette PNGs are read by index,
-not colour, and 1-bit PNGs as 0/1.
+not colour, and 1-bit PNGs as 0/1. Binary masks (``load_mask``) are 0/1, every nonzero pixel
+foreground. Labels and masks are never read from JPEG, whose compression alters their values.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def load_label(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as im:
             _check_pixels(im)
+            _refuse_lossy(im, "label")
             # "1" (1-bit) is read as booleans, so 0/1: converting it to "L" would turn class 1 into 255
             if im.mode not in ("1", "P", "L", "I", "I;16"):
                 im = im.convert("L")
@@ -100,6 +102,41 @@ def load_label(path: str | os.PathLike) -> np.ndarray:
             raise ImageReadError(f"{path}: label values exceed 255")
         arr = arr.astype(np.uint8)
     return arr.copy()
+
+
+def load_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a binary mask file as ``uint8 [H, W]`` of 0/1, where every nonzero pixel is foreground.
+
+    Any lossless format and mode: 1-bit; 8-, 16- or 32-bit grey; palette (by index, not colour);
+    colour (nonzero in any channel). A pixel whose alpha is 0 is background, so a drawing on a
+    transparent canvas reads as its strokes. JPEG is refused: its compression leaves faint
+    nonzero values around the edges and across the background, which would all be foreground.
+    """
+    try:
+        with Image.open(path) as im:
+            _check_pixels(im)
+            _refuse_lossy(im, "mask")
+            if im.mode in ("1", "L", "P") + _WIDE_GRAY:
+                mask = np.nan_to_num(np.asarray(im)) != 0
+                if im.mode == "P" and "transparency" in im.info:
+                    mask &= np.asarray(im.convert("RGBA"))[..., 3] > 0
+            else:
+                rgba = np.asarray(im.convert("RGBA"))
+                mask = rgba[..., :3].any(axis=-1) & (rgba[..., 3] > 0)
+    except ImageReadError as exc:
+        raise ImageReadError(f"{path}: not a usable mask ({exc})") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"{path}: not a readable mask image ({exc})") from exc
+    return mask.astype(np.uint8)
+
+
+_LOSSY_FORMATS = ("JPEG", "MPO")  # MPO: the multi-picture JPEG some cameras write
+
+
+def _refuse_lossy(im: Image.Image, what: str) -> None:
+    if im.format in _LOSSY_FORMATS:
+        raise ImageReadError(f"a {what} cannot be a JPEG: its compression changes pixel values around edges "
+                             f"and in flat areas; save the {what} as PNG")
 
 
 def label_palette() -> list[int]:

@@ -5,8 +5,10 @@ Inputs:
 - images: a file path (any format Pillow reads; EXIF orientation applied) or an array
   ``uint8 [H, W, 3]`` RGB (``[H, W]`` grey and ``[H, W, 4]`` RGBA are accepted too);
 - support masks: a file path or an array ``[H, W]`` of the support image's size, where every
-  nonzero pixel is foreground — so {0, 1}, {0, 255}, a palette or an RGB drawing all work.
-  There is no ignore value.
+  nonzero pixel is foreground — so {0, 1}, {0, 255}, 16-bit, a palette or an RGB drawing all
+  work, and fully transparent pixels are background. There is no ignore value. Mask files must
+  be lossless (PNG, BMP, TIFF, ...): a JPEG mask is refused, as its compression noise would be
+  read as foreground.
 
 Each query gets a ``uint8 [H, W]`` mask at its original size, 0 = background, 1 = foreground.
 ``save_masks`` writes them as palette PNGs with values 0/1 (the format of the dataset labels
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fss_core.data.images import ImageReadError, load_label, load_rgb, save_label
+from fss_core.data.images import ImageReadError, load_mask, load_rgb, save_label
 from fss_core.evaluation.protocol import (
     DEFAULT_IMAGE_SIZE,
     EpisodeInput,
@@ -78,7 +80,7 @@ def _load_mask(source: ImageSource, what: str) -> np.ndarray:
         if not Path(source).is_file():
             raise PredictInputError(f"{what}: mask file not found: {source}")
         try:
-            mask = load_label(source)
+            mask = load_mask(source)
         except ImageReadError as exc:
             raise PredictInputError(f"{what}: {exc}") from exc
     elif isinstance(source, np.ndarray):
