@@ -13,6 +13,13 @@ from tasks.tracking import tracking_uri
 from tasks.workspace import workspace_of
 
 
+# Stage results that are counts, printed as one line saying what they count.
+_COUNTS = {
+    "extracted": "images embedded in this run (0: all cached)",
+    "evaluated_results": "results (method x fold x shot count) scored in this run (0: all cached, or no labels)",
+}
+
+
 def _as_dict(value: Any) -> dict:
     if is_dataclass(value):
         return asdict(value)
@@ -29,7 +36,7 @@ def _models_table(title: str, models: list) -> Table:
 
 
 def print_summary(cfg: PipelineConfig, results: dict[str, Any]) -> None:
-    """One table per stage result, then how to open the UIs."""
+    """One table per stage result (a line for a count), then how to open the UIs."""
     console = Console()
     for stage, value in results.items():
         if hasattr(value, "table"):  # the evaluation's comparison table
@@ -38,6 +45,12 @@ def print_summary(cfg: PipelineConfig, results: dict[str, Any]) -> None:
             continue
         if isinstance(value, list):  # the comparison models, one line each
             console.print(_models_table(stage, value))
+            continue
+        if stage in _COUNTS or isinstance(value, (int, float, str)):
+            console.print(f"[bold]{stage}[/bold]: {value} {_COUNTS.get(stage, '')}".rstrip())
+            continue
+        if stage == "pseudo_quality" and getattr(value, "num_images", None) == 0:
+            console.print("[bold]pseudo_quality[/bold]: not measured (no labelled training image to compare with)")
             continue
         table = Table(title=stage, show_header=True)
         table.add_column("field")

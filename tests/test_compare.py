@@ -257,3 +257,20 @@ def test_run_summary_prints_the_models_and_the_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "finetune_20" in printed and "/ws/models/supervised-k" in printed
     assert comparison_table(rows) in printed  # not wrapped, however wide
+
+
+def test_run_summary_says_what_its_counts_count_and_why_quality_is_missing(tmp_path, capsys):
+    """On unlabeled images the pseudo-mask quality cannot be measured: the summary says so
+    instead of a table of None, and counts read as sentences, not as a table of one "value"."""
+    from fss_cli.report import print_summary
+    from tasks.pseudo import QualitySummary
+
+    cfg = load_config(None, [f"runtime.workspace={tmp_path / 'ws'}"])
+    print_summary(cfg, {"extracted": 50, "pseudo_quality": QualitySummary(None, None, None, 0),
+                        "evaluated_results": 0})
+    printed = capsys.readouterr().out
+    assert "extracted: 50 images embedded in this run" in printed
+    assert "pseudo_quality: not measured (no labelled training image" in printed and "None" not in printed
+    assert "evaluated_results: 0 results (method x fold x shot count) scored in this run" in printed
+    print_summary(cfg, {"pseudo_quality": QualitySummary(0.127, 0.012, 0.3, 360)})
+    assert "0.127" in capsys.readouterr().out
