@@ -182,6 +182,27 @@ def code_paths() -> list[str]:
             str(Path(__file__).parent)]
 
 
+def example_request() -> list[dict]:
+    """One request row that shows the input format (the MLflow UI lists it with the model, and MLflow
+    checks the model answers it when logging): a 64 px query and one support, each with a red
+    disc on grey, and the support's mask of the disc."""
+    yy, xx = np.mgrid[:64, :64]
+
+    def png(array: np.ndarray) -> str:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    def disc(cy: int, cx: int) -> tuple[np.ndarray, np.ndarray]:
+        inside = (yy - cy) ** 2 + (xx - cx) ** 2 < 14**2
+        rgb = np.full((64, 64, 3), 128, dtype=np.uint8)
+        rgb[inside] = (220, 40, 40)
+        return rgb, inside.astype(np.uint8)
+
+    (support, mask), (query, _) = disc(24, 24), disc(40, 36)
+    return [{"query": png(query), "support_images": [png(support)], "support_masks": [png(mask)]}]
+
+
 def log_fss_model(
     bundle_dir: str | os.PathLike,
     name: str = "model",
@@ -190,18 +211,19 @@ def log_fss_model(
 ) -> ModelInfo:
     """Log a model bundle as a pyfunc model (in the active run, if any).
 
-    Requirements are explicit (no slow inference of them); the signature is fixed (``SIGNATURE``).
+    Requirements are explicit (no slow inference of them); the signature is fixed (``SIGNATURE``);
+    the input example is ``example_request()`` unless one is given.
     """
     bundle_dir = Path(bundle_dir)
     if not (bundle_dir / SPEC_FILE).is_file() or not (bundle_dir / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{bundle_dir} is not a model bundle (needs {SPEC_FILE} and {WEIGHTS_FILE})")
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=FSSPyfuncModel(),
+        python_model=str(Path(__file__).with_name("pyfunc_entry.py")),  # code, not a pickle
         artifacts={"bundle": str(bundle_dir)},
         code_paths=code_paths(),
         pip_requirements=pip_requirements(),
         signature=SIGNATURE,
-        input_example=input_example,
+        input_example=example_request() if input_example is None else input_example,
         registered_model_name=registered_model_name,
     )

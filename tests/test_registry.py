@@ -129,6 +129,19 @@ def test_model_loads_in_a_fresh_process_from_its_own_code(logged, tmp_path):
     assert png_array(result["rows"][0]["mask"]).shape == query.shape[:2]
 
 
+def test_the_logged_model_is_code_not_a_pickle_and_carries_an_example_request_it_answers(logged):
+    """MLflow loads the model by running its definition file (a pickled model would be refused by
+    MLflow's pickle switch), and the example shown with the model is a request it answers."""
+    _, info = logged
+    model_dir = Path(urlparse(MlflowClient().get_logged_model(info.model_id).artifact_location).path)
+    files = {p.name for p in model_dir.iterdir()}
+    assert "pyfunc_entry.py" in files and "python_model.pkl" not in files
+    example = mlflow.models.Model.load(info.model_uri).load_input_example(str(model_dir))
+    assert [set(record) for record in example] == [{"query", "support_images", "support_masks"}]
+    row = mlflow.pyfunc.load_model(info.model_uri).predict(example).to_dict("records")[0]
+    assert png_array(row["mask"]).shape == (row["height"], row["width"]) == (64, 64)
+
+
 def test_bad_input_is_rejected_with_a_message_naming_row_and_field(logged):
     _, info = logged
     model = mlflow.pyfunc.load_model(info.model_uri)
