@@ -16,7 +16,7 @@ from tasks.workspace import workspace_of
 # Stage results that are counts, printed as one line saying what they count.
 _COUNTS = {
     "extracted": "images embedded in this run (0: all cached)",
-    "evaluated_results": "results (method x fold x shot count) scored in this run (0: all cached, or no labels)",
+    "evaluated_results": "results (method x fold x shots) scored in this run (0: all cached or no labels)",
 }
 
 

@@ -271,6 +271,6 @@ def test_run_summary_says_what_its_counts_count_and_why_quality_is_missing(tmp_p
     printed = capsys.readouterr().out
     assert "extracted: 50 images embedded in this run" in printed
     assert "pseudo_quality: not measured (no labelled training image" in printed and "None" not in printed
-    assert "evaluated_results: 0 results (method x fold x shot count) scored in this run" in printed
+    assert "evaluated_results: 0 results (method x fold x shots) scored in this run" in printed
     print_summary(cfg, {"pseudo_quality": QualitySummary(0.127, 0.012, 0.3, 360)})
     assert "0.127" in capsys.readouterr().out
