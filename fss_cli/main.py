@@ -26,6 +26,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The first start of the local (ephemeral) server migrates its database; on a busy machine that
 # takes longer than Prefect's default 20 s.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# MLflow draws a progress bar for every artifact download (registering a model makes several),
+# between the run's log lines; the run's own bars show its progress.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 # configs/demo.yaml, installed with the package (fss_cli/demo.yaml links to it in the repository)
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
