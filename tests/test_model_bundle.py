@@ -28,6 +28,26 @@ def test_bundle_round_trip_gives_identical_logits(tmp_path):
     assert torch.equal(out[0], out[1])
 
 
+def test_a_folder_holding_bundles_is_refused_naming_them_newest_first(tmp_path):
+    """``--bundle WORKSPACE`` is a common slip: the error lists the bundles found below it."""
+    import os
+
+    spec = ModelSpec("small_cnn", 41, FSSModelConfig(hidden=32, ffn=64, heads=4, fg_prototypes=4, bg_prototypes=6))
+    model = FSSNetwork(build_backbone("small_cnn"), spec.config)
+    old, new = tmp_path / "models" / "unsupervised-old", tmp_path / "models" / "unsupervised-new"
+    for age, folder in ((100, old), (0, new)):
+        save_bundle(folder, model, spec)
+        stamp = (folder / "weights.pt").stat().st_mtime - age
+        os.utime(folder / "weights.pt", (stamp, stamp))
+    (tmp_path / "models" / "broken").mkdir()
+    (tmp_path / "models" / "broken" / SPEC_FILE).write_text("{}")  # no weights: not a bundle
+    with pytest.raises(FileNotFoundError, match=rf"not a model bundle .*the bundles in it: {re.escape(str(new))}, "
+                                                rf"{re.escape(str(old))}$"):
+        load_bundle(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"not a model bundle \(needs model.json and weights.pt\)$"):
+        load_bundle(tmp_path / "absent")
+
+
 def test_bundle_keeps_the_adapter_layers(tmp_path):
     """A model reading layer3+layer4 is rebuilt with the same adapters (not the layer2+3 default)."""
     config = FSSModelConfig(hidden=32, ffn=64, heads=4, fg_prototypes=4, bg_prototypes=6,
