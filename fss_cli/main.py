@@ -313,8 +313,8 @@ def evaluate(
 def predict(
     bundle: Annotated[Path, typer.Option(help="Trained model bundle (model.json + weights.pt)")],
     support: Annotated[list[str], typer.Option(help="IMAGE:MASK, repeat for several shots")],
-    query: Annotated[list[Path], typer.Option(help="Query image (more may follow as arguments)")],
-    more_queries: Annotated[Optional[list[Path]], typer.Argument(help="More query images")] = None,
+    query: Annotated[list[Path], typer.Option(help="Query image, or a folder of them (more may follow as arguments)")],
+    more_queries: Annotated[Optional[list[Path]], typer.Argument(help="More query images or folders")] = None,
     out: Annotated[Path, typer.Option(help="Output folder for the masks")] = Path("predictions"),
     device: str = "cpu",
 ) -> None:
@@ -330,7 +330,9 @@ def predict(
         if not sep or not image:
             _fail(f"--support {item!r} must be IMAGE:MASK")
         pairs.append((Path(image), Path(mask)))
-    queries = list(query) + list(more_queries or [])
+    queries = [image for q in [*query, *(more_queries or [])] for image in _query_images(q)]
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file; the masks go into a folder (created if missing)")
     names = [q.stem for q in queries]  # each query's mask is OUT/{stem}.png
     clashes = sorted({str(q) for q in queries if names.count(q.stem) > 1})
     if clashes:
@@ -339,11 +341,29 @@ def predict(
     try:
         model, spec = load_bundle(bundle)
         masks = run_predict(model, pairs, queries, image_size=spec.image_size, device=device)
-        paths = save_masks(masks, names, out)
     except (PredictInputError, FileNotFoundError) as exc:
         _fail(str(exc))
+    try:
+        paths = save_masks(masks, names, out)
+    except PredictInputError as exc:
+        _fail(str(exc))
+    except OSError as exc:  # the output folder: not writable, disk full
+        _fail(f"cannot write the masks to {out}: {exc.strerror or exc}")
     for q, p in zip(queries, paths):
         typer.echo(f"{q} -> {p}")
+
+
+def _query_images(path: Path) -> list[Path]:
+    """A query argument: an image file, or a folder standing for the images directly in it."""
+    if not path.is_dir():
+        return [path]
+    from fss_core.data.images import IMAGE_SUFFIXES
+
+    images = sorted(p for p in path.iterdir()
+                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not images:
+        _fail(f"--query {path} is a folder with no image in it ({', '.join(IMAGE_SUFFIXES)})")
+    return images
 
 
 @app.command()

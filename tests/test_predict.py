@@ -246,3 +246,43 @@ def test_a_querys_mask_does_not_depend_on_the_other_queries_or_the_batch_size():
         together = predict(model, supports, queries, image_size=IMAGE_SIZE, batch_size=batch_size)
         for a, b in zip(alone, together):
             np.testing.assert_array_equal(a, b)
+
+
+def test_cli_takes_a_folder_of_queries_and_refuses_an_output_path_that_is_a_file(tmp_path):
+    """`--query DIR` segments the images directly in DIR (not its hidden files, other files or
+    sub-folders); an `--out` that is an existing file is refused before anything is read, and kept."""
+    from typer.testing import CliRunner
+
+    from fss_cli.main import app
+    from fss_core.models.backbones import build_backbone
+    from fss_core.models.fss.bundle import ModelSpec, save_bundle
+
+    spec = ModelSpec("small_cnn", 41, FSSModelConfig(hidden=16, heads=2, layers=1, ffn=32, points=2,
+                                                     fg_prototypes=2, bg_prototypes=3))
+    save_bundle(tmp_path / "bundle", FSSNetwork(build_backbone("small_cnn"), spec.config), spec)
+    rgb, mask = scene(24, 24, (4, 4, 12, 12))
+    save_rgb(tmp_path / "s.png", rgb)
+    Image.fromarray(mask * 255).save(tmp_path / "m.png")
+    folder = tmp_path / "queries"
+    for name, (h, w) in {"b.png": (20, 30), "a.jpg": (32, 16), ".hidden.png": (8, 8), "sub/c.png": (8, 8)}.items():
+        save_rgb(folder / name, scene(h, w, (2, 2, 6, 6))[0])
+    (folder / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+
+    def fss_predict(*queries, out):
+        return CliRunner().invoke(app, ["predict", "--bundle", str(tmp_path / "bundle"), "--support",
+                                        f"{tmp_path / 's.png'}:{tmp_path / 'm.png'}", "--query", *map(str, queries),
+                                        "--out", str(out)])
+
+    done = fss_predict(folder, out=tmp_path / "out")
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png"]
+    assert load_label(tmp_path / "out" / "a.png").shape == (32, 16)
+    assert f"{folder / 'a.jpg'} -> " in done.output
+
+    refused = fss_predict(tmp_path / "empty", out=tmp_path / "out2")
+    assert refused.exit_code == 2 and "no image in it" in refused.output and not (tmp_path / "out2").exists()
+    (tmp_path / "taken.png").write_bytes(b"keep me")
+    refused = fss_predict(folder, out=tmp_path / "taken.png")
+    assert refused.exit_code == 2 and "is a file" in refused.output
+    assert (tmp_path / "taken.png").read_bytes() == b"keep me"
