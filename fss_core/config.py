@@ -98,10 +98,15 @@ class PseudoConfig(_Section):
     felzenszwalb_scale: float = 100.0
     felzenszwalb_sigma: float = 0.8
     felzenszwalb_min_size: int = 200
-    min_area: int = Field(2048, ge=1, description="minimum pseudo-class area in pixels of the original image")
+    min_area: int = Field(2048, ge=1, description="minimum pseudo-class area in pixels of the original image "
+                          "(of its shrunk copy above max_side)")
     area_reference: int | None = Field(473, ge=1, description="images whose longer side is shorter have min_area and "
                                        "felzenszwalb_min_size scaled by (longer side / area_reference)^2; null = "
                                        "never scaled, as the reference")
+    max_side: int | None = Field(640, ge=64, description="an image with a longer side gets its pseudo mask made on "
+                                 "its copy shrunk to this size (min_area and felzenszwalb_min_size then count "
+                                 "in that copy's pixels), enlarged to the image; the reference's datasets are not "
+                                 "larger; null = always at the original size")
     background_span: float = Field(0.99, gt=0, le=1)
     prior_max: int = Field(5000, ge=1, description="cap on the similarity prior's support candidates")
 
@@ -125,6 +130,9 @@ class TrainConfig(_Section):
     transformer_weight_decay: float = 1e-2
     scale_range: tuple[float, float] = (0.9, 1.1)
     rotate_degrees: float = 10.0
+    max_side: int | None = Field(640, ge=64, description="episode images (and their masks) with a longer side are "
+                                 "shrunk to it on loading, before the augmentations; the reference's datasets are "
+                                 "not larger; null = never shrunk")
     hidden: int = 256
     ffn: int = 768
     heads: int = 8

@@ -37,21 +37,35 @@ def pad_geometry(h: int, w: int, long_side: int, multiple: int = 8) -> PadGeomet
     return PadGeometry(h, w, min(new_h, long_side), min(new_w, long_side), long_side)
 
 
-def small_image_scale(h: int, w: int, reference: int | None) -> float:
+def small_image_scale(h: int, w: int, reference: int | None, max_side: int | None = None) -> float:
     """The factor an area threshold, set in pixels of full-size images, takes for an ``h × w`` image.
 
     1 when the image's longer side reaches ``reference`` (PASCAL's and COCO's images: the
     published thresholds apply unchanged) or when ``reference`` is None; for a smaller image,
     ``(longer side / reference)²``, so that a region counts from the same share of a
-    ``reference``-sided canvas as on a full-size image.
+    ``reference``-sided canvas as on a full-size image. An image whose longer side exceeds
+    ``max_side`` is treated as its copy shrunk to ``max_side`` (:func:`working_size`): the
+    factor is ``(longer side / max_side)²``, the threshold in that copy's pixels.
     """
     longer = max(h, w)
+    if max_side is not None and longer > max_side:
+        return (longer / max_side) ** 2 * small_image_scale(*working_size(h, w, max_side), reference)
     if reference is None or longer >= reference:
         return 1.0
     return (longer / reference) ** 2
 
 
-def scaled_min_area(min_area: int, reference: int | None, h: int, w: int) -> int:
+def scaled_min_area(min_area: int, reference: int | None, h: int, w: int, max_side: int | None = None) -> int:
     """An area threshold of ``min_area`` pixels (on full-size images) for an ``h × w`` image,
     scaled by :func:`small_image_scale`; at least 1."""
-    return max(1, round(min_area * small_image_scale(h, w, reference)))
+    return max(1, round(min_area * small_image_scale(h, w, reference, max_side)))
+
+
+def working_size(h: int, w: int, max_side: int | None) -> tuple[int, int]:
+    """``(h, w)`` shrunk so that the longer side is ``max_side`` (sides rounded, at least 1); the
+    size itself when it is not larger, or when ``max_side`` is None."""
+    longer = max(h, w)
+    if max_side is None or longer <= max_side:
+        return h, w
+    scale = max_side / longer
+    return max(1, round(h * scale)), max(1, round(w * scale))

@@ -87,7 +87,7 @@ def pseudo_block(cfg: PipelineConfig, plan_key: str, rows: list[int], paths: lis
                             f"config or other inputs); re-run the cluster stage")
     centroids = np.asarray(clusters["centroids"][:])
     return write_pseudo_masks(rows, ws.embeddings, centroids, paths, ws.pseudo_masks, felzenszwalb_params(cfg),
-                              plan_key, area_reference=cfg.pseudo.area_reference)
+                              plan_key, area_reference=cfg.pseudo.area_reference, max_side=cfg.pseudo.max_side)
 
 
 def finish_pseudo(cfg: PipelineConfig, plan: PseudoPlan, parent_run_id: str | None = None) -> QualitySummary:

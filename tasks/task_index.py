@@ -72,7 +72,7 @@ def run_task_index(cfg: PipelineConfig, pseudo_key: str, image_ids: list[str],
     with stage_run(cfg, "task_index", parent_run_id, key):
         embeddings = open_store(ws.embeddings, EMBEDDINGS)  # its schema checked, as every stage reads a store
         index = build_task_index(ws.pseudo_masks, embeddings, image_ids, cfg.cluster.num_clusters,
-                                 min_area=p.min_area, area_reference=p.area_reference,
+                                 min_area=p.min_area, area_reference=p.area_reference, max_side=p.max_side,
                                  background_span=p.background_span, prior_max=p.prior_max, seed=cfg.cluster.seed)
         if index.num_occurrences == 0:
             raise ValueError("no image has a valid pseudo-class: lower pseudo.min_area or check the pseudo masks")

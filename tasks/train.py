@@ -91,7 +91,8 @@ def label_fraction_ids(cfg: PipelineConfig) -> list[str] | None:
 def _datasets(cfg: PipelineConfig):
     t = cfg.train
     common = dict(shots=t.shots, size=t.image_size, scale_range=tuple(t.scale_range),
-                  rotate_degrees=t.rotate_degrees, seed=t.seed, decode_cache_mb=t.decode_cache_mb)
+                  rotate_degrees=t.rotate_degrees, seed=t.seed, decode_cache_mb=t.decode_cache_mb,
+                  max_side=t.max_side)
     if t.mode == "unsupervised":
         ws = workspace_of(cfg)
         index = PseudoTaskIndex.load(ws.tasks)

@@ -369,3 +369,36 @@ def test_pseudo_supports_can_repeat_like_the_reference_when_distinct_supports_is
                 for flag in (True, False)]
     for i in range(len(one_shot[0])):  # one shot: both settings draw the same support
         assert one_shot[0][i].support_ids == one_shot[1][i].support_ids
+
+
+def test_images_above_max_side_are_shrunk_on_loading_also_in_loader_workers(labelled):
+    """A large photo is loaded as its copy shrunk to max_side (the label by nearest neighbour), so
+    the crops cover as much of it as of a small image; the area rule counts in the copy's pixels;
+    a loader worker's copy of the dataset shrinks alike."""
+    import pickle
+
+    from PIL import Image
+
+    from fss_core.data.episodes import DecodedSamples
+
+    records, labels = labelled
+    record = records[0]
+    image, label = DecodedSamples(0, max_side=24).load(record.image_path, record.label_path)
+    assert image.shape == (24, 20, 3) and label.shape == (24, 20)
+    np.testing.assert_array_equal(label, np.asarray(Image.fromarray(labels[record.image_id]).resize((20, 24),
+                                                                                                   Image.NEAREST)))
+    kept, _ = DecodedSamples(0).load(record.image_path, record.label_path)
+    assert kept.shape == (SIZE, 40, 3)  # not above max_side, or none given: as stored
+
+    # 50 px of the copy are 200 px of the 48x40 image: the 15x15 objects (225 px) still qualify
+    dataset = SupervisedEpisodeDataset(records, classes=[1, 2, 3], shots=1, min_area=50, area_reference=None,
+                                       train=False, seed=0, max_side=24, **NO_AUG)
+    assert len(dataset) == len(SupervisedEpisodeDataset(records, classes=[1, 2, 3], shots=1, min_area=200,
+                                                        area_reference=None, train=False, seed=0, **NO_AUG))
+    # 57 px of the copy are 228 px: no object is large enough any more
+    assert len(SupervisedEpisodeDataset(records, classes=[1, 2, 3], min_area=57, area_reference=None, max_side=24,
+                                        **NO_AUG)) == 0
+    in_worker = pickle.loads(pickle.dumps(dataset))
+    for episode in (dataset[0], in_worker[0]):
+        assert episode.query_hw == (24, 20)
+        assert episode.query_img.shape == (3, SIZE, SIZE)

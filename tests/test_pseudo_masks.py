@@ -110,6 +110,46 @@ def test_min_size_scales_with_image_area_only_when_asked():
     assert min_size_for(params, 473, 96, 128) == round(200 * (128 / 473) ** 2) == 15
 
 
+@pytest.mark.parametrize("image_hw, valid_hw, split, axis", [((400, 1000), (3, 8), 4, 1), ((1000, 400), (8, 3), 5, 0)])
+def test_a_large_image_is_masked_on_its_shrunk_copy_and_the_mask_enlarged(monkeypatch, image_hw, valid_hw, split,
+                                                                          axis):
+    """Above ``max_side`` the superpixels are cut on the copy shrunk to it, with ``min_size`` in the
+    copy's pixels; the mask comes back at the original size with the A/B boundary where the
+    full-size computation puts it (within one pixel of the copy)."""
+    import fss_core.pseudo.masks as masks
+
+    h, w = image_hw
+    new_side = valid_hw[axis] * STRIDE
+    expected = split * STRIDE * image_hw[axis] / new_side  # the boundary in original pixels
+    rgb = _two_colour_image(h, w, round(expected), axis)
+    seen = []
+    monkeypatch.setattr(masks, "felzenszwalb", lambda image, **kw: seen.append((image.shape, kw["min_size"]))
+                        or felzenszwalb(image, **kw))
+    features = _features(valid_hw, split, axis)
+    full = pseudo_mask(features, valid_hw, image_hw, STRIDE, LONG_SIDE, CENTROIDS, rgb, area_reference=473)
+    shrunk = pseudo_mask(features, valid_hw, image_hw, STRIDE, LONG_SIDE, CENTROIDS, rgb, area_reference=473,
+                         max_side=250)
+    copy = (100, 250) if axis == 1 else (250, 100)  # 250 px on the longer side
+    assert seen == [((h, w, 3), 200), ((*copy, 3), round(200 * (250 / 473) ** 2))]
+    assert shrunk.shape == full.shape == image_hw and shrunk.dtype == np.uint8
+    step = image_hw[axis] / 250  # one pixel of the copy, in original pixels
+    differ = np.nonzero((shrunk != full).any(axis=1 - axis))[0]
+    assert differ.size == 0 or np.abs(differ - expected).max() <= step + 1, (differ, expected)
+
+
+def test_area_thresholds_count_in_the_shrunk_copys_pixels_above_max_side():
+    from fss_core.geometry import scaled_min_area, working_size
+
+    assert working_size(3000, 4000, 640) == (480, 640) and working_size(375, 500, 640) == (375, 500)
+    assert working_size(3000, 4000, None) == (3000, 4000)
+    assert scaled_min_area(2048, 473, 3000, 4000, 640) == round(2048 * (4000 / 640) ** 2)  # 2048 px of the copy
+    assert scaled_min_area(2048, 473, 3000, 4000) == 2048  # no max_side: the reference's absolute 2048 px
+    assert scaled_min_area(2048, 473, 375, 500, 640) == 2048  # PASCAL- and COCO-sized: unchanged
+    assert scaled_min_area(2048, 473, 96, 128, 640) == round(2048 * (128 / 473) ** 2)
+    # a copy below area_reference takes the small-image scaling as well, in its own pixels
+    assert scaled_min_area(2048, 473, 1000, 1000, 200) == round(2048 * (1000 / 200) ** 2 * (200 / 473) ** 2)
+
+
 def test_masks_resume_only_within_the_same_build(tmp_path):
     rng = np.random.default_rng(0)
     store = tmp_path / "e.zarr"

@@ -317,6 +317,16 @@ def test_min_area_is_scaled_for_small_images(small_store):
     assert sorted(zip(index.occ_image.tolist(), index.occ_cluster.tolist())) == [(1, 2)]  # d's 400 px blob
 
 
+def test_min_area_counts_in_the_shrunk_copys_pixels_for_images_above_max_side(tmp_path):
+    """On a 200x473 image with max_side 100 (its copy 42x100), min_area 20 means 20 px of the copy,
+    20·(473/100)² = 447 px here: the 800 px blob counts, the 400 px one only without max_side."""
+    masks = {"x": blob_mask(200, 473, {1: np.s_[10:30, 10:50], 2: np.s_[100:120, 300:320]})}
+    group, mask_dir = make_store(tmp_path, masks, {"x": (7, 15)}, grid=15, stride=32, long_side=473)
+    kwargs = dict(num_clusters=4, min_area=20, area_reference=None)
+    assert build_task_index(mask_dir, group, ["x"], **kwargs).occ_cluster.tolist() == [1, 2]
+    assert build_task_index(mask_dir, group, ["x"], max_side=100, **kwargs).occ_cluster.tolist() == [1]
+
+
 def test_bad_masks_fail_with_the_file_named(tmp_path):
     group, mask_dir = make_store(tmp_path, {"x": blob_mask(40, 60, {5: np.s_[5:20, 5:30]})}, {"x": (4, 6)})
     with pytest.raises(ValueError, match=r"x\.png.*num_clusters"):

@@ -27,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from fss_core.data.augment import EvalTransform, TrainTransform
 from fss_core.data.images import IGNORE_LABEL, load_label, load_rgb
 from fss_core.data.layouts import ImageRecord
-from fss_core.geometry import scaled_min_area
+from fss_core.geometry import scaled_min_area, working_size
 from fss_core.pseudo.task_index import PseudoTaskIndex
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class Episode:
     class_id: int  # cluster id (pseudo) or dataset class id (supervised)
     query_id: str
     support_ids: list[str]
-    query_hw: tuple[int, int]  # original (H0, W0) of the query image
+    query_hw: tuple[int, int]  # (H0, W0) of the query image as loaded (shrunk to max_side when larger)
 
 
 @dataclass
@@ -217,10 +218,11 @@ class DecodedSamples:
     loading process fills its own cache and the budget holds per process.
     """
 
-    def __init__(self, budget_bytes: int):
+    def __init__(self, budget_bytes: int, max_side: int | None = None):
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
         self.budget_bytes = int(budget_bytes)
+        self.max_side = max_side
         self.used_bytes = 0
         self._kept: dict[tuple[Path, Path], tuple[np.ndarray, np.ndarray]] = {}
 
@@ -228,10 +230,12 @@ class DecodedSamples:
         return len(self._kept)
 
     def __getstate__(self) -> dict:
-        return {"budget_bytes": self.budget_bytes, "used_bytes": 0, "_kept": {}}
+        return {"budget_bytes": self.budget_bytes, "max_side": self.max_side, "used_bytes": 0, "_kept": {}}
 
     def load(self, image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarray]:
-        """``(image uint8 [H, W, 3], label uint8 [H, W])``, decoded or kept from an earlier call."""
+        """``(image uint8 [H, W, 3], label uint8 [H, W])``, decoded or kept from an earlier call; an
+        image whose longer side exceeds ``max_side`` comes shrunk to it (:func:`working_size`; the
+        image bilinearly, the label by nearest neighbour)."""
         kept = self._kept.get((image_path, label_path))
         if kept is not None:
             return kept
@@ -240,6 +244,10 @@ class DecodedSamples:
         if label.shape != image.shape[:2]:
             raise ValueError(f"{label_path}: label is {label.shape[0]}x{label.shape[1]} but image "
                              f"{image_path} is {image.shape[0]}x{image.shape[1]}")
+        h, w = working_size(*label.shape, self.max_side)
+        if (h, w) != label.shape:
+            image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+            label = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
         size = image.nbytes + label.nbytes
         if self.used_bytes + size <= self.budget_bytes:
             image.flags.writeable = False
@@ -255,13 +263,15 @@ class _EpisodeDataset(Dataset):
     ``dataset[(epoch, index)]`` is episode ``index`` of ``epoch``; ``dataset[index]`` the one of
     the epoch last given to ``set_epoch`` (0 before). Subclasses draw in ``_draw``. Decoded images
     and labels are kept in memory up to ``decode_cache_mb`` per loading process
-    (:class:`DecodedSamples`; 0 decodes them on every use).
+    (:class:`DecodedSamples`; 0 decodes them on every use). An image larger than ``max_side``
+    (longer side) is shrunk to it on loading, before the transforms: the reference's crops of
+    ``size`` then cover as much of a large photo as of a COCO image (None: never shrunk).
     """
 
     takes_epoch_keys = True
 
     def __init__(self, shots: int, size: int, scale_range: tuple[float, float], rotate_degrees: float,
-                 seed: int, train: bool, decode_cache_mb: float = DECODE_CACHE_MB):
+                 seed: int, train: bool, decode_cache_mb: float = DECODE_CACHE_MB, max_side: int | None = None):
         if shots < 1:
             raise ValueError(f"shots must be >= 1, got {shots}")
         if decode_cache_mb < 0:
@@ -271,7 +281,7 @@ class _EpisodeDataset(Dataset):
         self.train = train
         self.epoch = 0
         self.transform = TrainTransform(size, scale_range, rotate_degrees) if train else EvalTransform(size)
-        self.decoded = DecodedSamples(int(decode_cache_mb * 2**20))
+        self.decoded = DecodedSamples(int(decode_cache_mb * 2**20), max_side)
         self._warned: set[int] = set()
 
     def set_epoch(self, epoch: int) -> None:
@@ -326,8 +336,9 @@ class PseudoEpisodeDataset(_EpisodeDataset):
     def __init__(self, index: PseudoTaskIndex, image_paths: Mapping[str, str | os.PathLike],
                  mask_dir: str | os.PathLike, shots: int = 1, size: int = 473,
                  scale_range: tuple[float, float] = (0.9, 1.1), rotate_degrees: float = 10.0, seed: int = 0,
-                 decode_cache_mb: float = DECODE_CACHE_MB, distinct_supports: bool = True):
-        super().__init__(shots, size, scale_range, rotate_degrees, seed, train=True, decode_cache_mb=decode_cache_mb)
+                 decode_cache_mb: float = DECODE_CACHE_MB, distinct_supports: bool = True, max_side: int | None = None):
+        super().__init__(shots, size, scale_range, rotate_degrees, seed, train=True, decode_cache_mb=decode_cache_mb,
+                         max_side=max_side)
         self.distinct_supports = distinct_supports
         self.index = index
         self.mask_dir = Path(mask_dir)
@@ -382,7 +393,7 @@ class SupervisedEpisodeDataset(_EpisodeDataset):
     """PFENet episodes from labelled images, restricted to ``classes`` (e.g. a fold's base classes).
 
     - An image qualifies if it holds a class of ``classes`` with at least
-      ``scaled_min_area(min_area, area_reference, H, W)`` pixels; the query class is drawn
+      ``scaled_min_area(min_area, area_reference, H, W, max_side)`` pixels; the query class is drawn
       uniformly among its qualifying classes.
     - Supports are other qualifying images of that class, distinct.
     - Masks: 1 for the class, 255 kept, 0 elsewhere — pixels of every other class, including
@@ -394,8 +405,8 @@ class SupervisedEpisodeDataset(_EpisodeDataset):
     def __init__(self, records: Sequence[ImageRecord], classes: Sequence[int], shots: int = 1, size: int = 473,
                  min_area: int = 2048, area_reference: int | None = 473, image_ids: Sequence[str] | None = None,
                  scale_range: tuple[float, float] = (0.9, 1.1), rotate_degrees: float = 10.0, seed: int = 0,
-                 train: bool = True, decode_cache_mb: float = DECODE_CACHE_MB):
-        super().__init__(shots, size, scale_range, rotate_degrees, seed, train, decode_cache_mb)
+                 train: bool = True, decode_cache_mb: float = DECODE_CACHE_MB, max_side: int | None = None):
+        super().__init__(shots, size, scale_range, rotate_degrees, seed, train, decode_cache_mb, max_side)
         classes = sorted({int(c) for c in classes})
         bad = [c for c in classes if not 0 < c < IGNORE_LABEL]
         if bad:
@@ -414,7 +425,7 @@ class SupervisedEpisodeDataset(_EpisodeDataset):
         for record in self.records:
             label = load_label(record.label_path)
             areas = np.bincount(label.ravel(), minlength=256)
-            threshold = scaled_min_area(min_area, area_reference, *label.shape)
+            threshold = scaled_min_area(min_area, area_reference, *label.shape, max_side)
             present.append([c for c in classes if areas[c] >= threshold])
         self.class_images = {c: np.asarray([i for i, p in enumerate(present) if c in p], dtype=np.int64)
                              for c in classes}

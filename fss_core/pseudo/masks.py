@@ -24,12 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from skimage.segmentation import felzenszwalb
 from tqdm import tqdm
 
 from fss_core.clustering.kmeans import nearest_centroid_scores
 from fss_core.data.images import load_rgb, save_label
-from fss_core.geometry import pad_geometry, scaled_min_area
+from fss_core.geometry import pad_geometry, scaled_min_area, working_size
 from storage_schemas import (
     EMBEDDINGS,
     FelzenszwalbParams,
@@ -53,17 +54,19 @@ _STRIPE_VALUES = 1 << 24  # scores held at once while interpolating: K × rows �
 
 
 def cluster_map(features: np.ndarray, valid_hw: tuple[int, int], image_hw: tuple[int, int], stride: int,
-                long_side: int, centroids: np.ndarray) -> np.ndarray:
+                long_side: int, centroids: np.ndarray, out_hw: tuple[int, int] | None = None) -> np.ndarray:
     """Nearest centroid of every original pixel, before the superpixel vote: ``int64 [H, W]``.
 
     ``features [C, G, G]`` is one image's row of the embeddings store; only the valid cells
-    ``[:, :r, :c]`` are read. See the module doc for the cell-to-pixel map.
+    ``[:, :r, :c]`` are read. See the module doc for the cell-to-pixel map. ``out_hw``: the map
+    for the same image at another size (a shrunk copy), the cells' geometry still that of
+    ``image_hw`` at extraction.
     """
     r, c = (int(v) for v in valid_hw)
-    h, w = (int(v) for v in image_hw)
     if features.ndim != 3 or not (1 <= r <= features.shape[1] and 1 <= c <= features.shape[2]):
         raise ValueError(f"features must be [C, G, G] holding the {r}x{c} valid cells, got shape {features.shape}")
-    geometry = pad_geometry(h, w, long_side, SIZE_MULTIPLE)
+    geometry = pad_geometry(*(int(v) for v in image_hw), long_side, SIZE_MULTIPLE)
+    h, w = (int(v) for v in (out_hw or image_hw))
     scores = nearest_centroid_scores(np.asarray(features[:, :r, :c], dtype=np.float32), centroids)  # [K, r, c]
     y0, y1, wy = _interpolation(h, r, geometry.new_h / (h * stride))
     x0, x1, wx = _interpolation(w, c, geometry.new_w / (w * stride))
@@ -110,7 +113,8 @@ def min_size_for(params: FelzenszwalbParams, area_reference: int | None, h: int,
 
 def pseudo_mask(features: np.ndarray, valid_hw: tuple[int, int], image_hw: tuple[int, int], stride: int,
                 long_side: int, centroids: np.ndarray, rgb: np.ndarray,
-                params: FelzenszwalbParams = REFERENCE_FELZENSZWALB, area_reference: int | None = None) -> np.ndarray:
+                params: FelzenszwalbParams = REFERENCE_FELZENSZWALB, area_reference: int | None = None,
+                max_side: int | None = None) -> np.ndarray:
     """One image's pseudo mask ``uint8 [H, W]`` of cluster ids ``0 … K−1``.
 
     ``features [C, G, G]`` (float16/32, the store's row), ``valid_hw`` its valid cells,
@@ -118,6 +122,10 @@ def pseudo_mask(features: np.ndarray, valid_hw: tuple[int, int], image_hw: tuple
     ``centroids [K, C]``, ``rgb uint8 [H, W, 3]`` the original image (for the superpixels).
     ``params`` defaults to the reference's Felzenszwalb settings; ``area_reference`` scales
     their ``min_size`` for small images (:func:`min_size_for`; None = unscaled, as the reference).
+    ``max_side``: an image with a longer side is shrunk to it (:func:`working_size`), its mask
+    made there (``min_size`` in the shrunk image's pixels) and enlarged to ``H × W`` by nearest
+    neighbour. Felzenszwalb on a 12-megapixel photo takes over a minute and 4 GB; on its 640 px
+    copy, a fraction of a second. None: always at the original size, as the reference.
     """
     h, w = (int(v) for v in image_hw)
     num_clusters = len(centroids)
@@ -125,10 +133,16 @@ def pseudo_mask(features: np.ndarray, valid_hw: tuple[int, int], image_hw: tuple
         raise ValueError(f"pseudo masks hold cluster ids 0..254 in uint8; got {num_clusters} centroids")
     if rgb.shape != (h, w, 3):
         raise ValueError(f"image is {rgb.shape}, expected ({h}, {w}, 3) as recorded at extraction")
-    labels = cluster_map(features, valid_hw, image_hw, stride, long_side, centroids)
+    work_h, work_w = working_size(h, w, max_side)
+    if (work_h, work_w) != (h, w):
+        rgb = np.asarray(Image.fromarray(rgb).resize((work_w, work_h), Image.BILINEAR))
+    labels = cluster_map(features, valid_hw, image_hw, stride, long_side, centroids, out_hw=(work_h, work_w))
     segments = felzenszwalb(rgb, scale=params.scale, sigma=params.sigma,
-                            min_size=min_size_for(params, area_reference, h, w))
-    return superpixel_vote(labels, segments, num_clusters).astype(np.uint8)
+                            min_size=min_size_for(params, area_reference, work_h, work_w))
+    mask = superpixel_vote(labels, segments, num_clusters).astype(np.uint8)
+    if (work_h, work_w) != (h, w):
+        mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
+    return mask
 
 
 # --- the folder of masks ------------------------------------------------------------------------
@@ -173,6 +187,7 @@ def write_pseudo_masks(
     params: FelzenszwalbParams,
     build_key: str,
     area_reference: int | None = None,
+    max_side: int | None = None,
     progress: bool = False,
 ) -> int:
     """Write the pseudo masks of embeddings-store ``rows`` (images ``image_paths``, same order); returns masks written.
@@ -207,7 +222,7 @@ def write_pseudo_masks(
             raise ValueError(f"{image_path}: image is {rgb.shape[0]}x{rgb.shape[1]} but was "
                              f"{image_hw[row][0]}x{image_hw[row][1]} when embedded; re-run extraction")
         mask = pseudo_mask(group["features"][row], valid_hw[row], image_hw[row], attrs.stride,
-                           attrs.input_long_side, centroids, rgb, params, area_reference)
+                           attrs.input_long_side, centroids, rgb, params, area_reference, max_side)
         save_label(target, mask)
         written += 1
     log.info("pseudo masks: %d written, %d kept, into %s", written, len(rows) - written, out_dir)

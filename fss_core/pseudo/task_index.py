@@ -301,6 +301,7 @@ def build_task_index(
     num_clusters: int,
     min_area: int,
     area_reference: int | None = 473,
+    max_side: int | None = None,
     background_span: float = 0.99,
     prior_max: int = 5000,
     prior_candidates: int = 20000,
@@ -312,6 +313,9 @@ def build_task_index(
     - ``embeddings``: the embeddings store (group or path) with ``features [N, C, G, G]``,
       ``valid_hw [N, 2]``, ``image_hw [N, 2]`` and attributes ``image_ids``, ``stride`` and
       ``input_long_side`` (the canvas geometry that places each mask on its cells).
+
+    ``min_area`` counts in pixels of the image, or of its copy shrunk to ``max_side`` when it is
+    larger (the size its pseudo mask was made at: :func:`fss_core.geometry.scaled_min_area`).
 
     The index lists the given images in the store's row order; images without a valid
     pseudo-class have no occurrence. Deterministic for a given ``seed``.
@@ -354,7 +358,8 @@ def build_task_index(
         ids = mask[mask != IGNORE_LABEL]
         if ids.size and ids.max() >= num_clusters:
             raise ValueError(f"{path}: cluster id {int(ids.max())} >= num_clusters {num_clusters}")
-        classes = valid_pseudo_classes(mask, scaled_min_area(min_area, area_reference, h, w), background_span)
+        classes = valid_pseudo_classes(mask, scaled_min_area(min_area, area_reference, h, w, max_side),
+                                       background_span)
         if not classes:
             continue
         r, c = (int(v) for v in valid_hw[n])
