@@ -267,3 +267,23 @@ def test_a_label_above_the_decompression_limit_is_an_image_read_error(tmp_path):
         path.write_bytes(png_header_only(width, height))
         with pytest.raises(ImageReadError, match=f"label{width}.png.*decompression"):
             load_label(path)
+
+
+def test_a_large_jpeg_may_be_decoded_at_a_reduced_scale_and_is_told_from_a_wrong_size(tmp_path):
+    """``at_least`` lets a JPEG decode at 1/2, 1/4 or 1/8 scale keeping the longer side at least
+    that long (EXIF orientation still applied); other formats and small JPEGs decode whole."""
+    from fss_core.data.images import is_reduced_decode
+
+    smooth = np.asarray(Image.fromarray(RNG.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((403, 301)))
+    Image.fromarray(smooth).save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray(smooth).save(tmp_path / "big.png")
+    reduced = load_rgb(tmp_path / "big.jpg", at_least=90)
+    assert reduced.shape == (76, 101, 3)  # 1/4: ceil(301/4) x ceil(403/4); 1/8 would make 51 < 90
+    assert is_reduced_decode(reduced.shape[:2], (301, 403)) and not is_reduced_decode((75, 101), (301, 403))
+    whole = load_rgb(tmp_path / "big.jpg")
+    shrunk = np.asarray(Image.fromarray(whole).resize((101, 76), Image.BILINEAR), dtype=np.float64)
+    assert np.abs(reduced - shrunk).mean() < 4  # the same picture, decoded smaller
+    assert load_rgb(tmp_path / "big.png", at_least=90).shape == (301, 403, 3)
+    assert load_rgb(tmp_path / "big.jpg", at_least=250).shape == (301, 403, 3)  # 1/2 would go below 250
+    (tmp_path / "turned.jpg").write_bytes(exif_rotated()[0])
+    assert load_rgb(tmp_path / "turned.jpg", at_least=10).shape == (10, 5, 3)  # stored 40x20 at 1/4, turned

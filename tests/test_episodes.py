@@ -175,7 +175,7 @@ def test_decoded_images_are_kept_across_epochs_within_the_budget_and_change_no_e
     index, paths, mask_dir, _ = pseudo_data
     decoded = []
     real_load = episodes.load_rgb
-    monkeypatch.setattr(episodes, "load_rgb", lambda path: decoded.append(path) or real_load(path))
+    monkeypatch.setattr(episodes, "load_rgb", lambda path, **kw: decoded.append(path) or real_load(path, **kw))
     kwargs = dict(shots=2, size=40, scale_range=(0.9, 1.1), rotate_degrees=10.0, seed=5)
     uncached = PseudoEpisodeDataset(index, paths, mask_dir, decode_cache_mb=0, **kwargs)
     cached = PseudoEpisodeDataset(index, paths, mask_dir, **kwargs)
@@ -402,3 +402,22 @@ def test_images_above_max_side_are_shrunk_on_loading_also_in_loader_workers(labe
     for episode in (dataset[0], in_worker[0]):
         assert episode.query_hw == (24, 20)
         assert episode.query_img.shape == (3, SIZE, SIZE)
+
+
+def test_a_large_jpeg_is_decoded_small_for_an_episode_and_a_label_of_another_size_is_still_refused(tmp_path):
+    from PIL import Image
+
+    from fss_core.data.episodes import DecodedSamples
+
+    photo = np.asarray(Image.fromarray(np.random.default_rng(2).integers(0, 256, (4, 5, 3), dtype=np.uint8))
+                       .resize((200, 160)))
+    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=95)
+    label = np.zeros((160, 200), dtype=np.uint8)
+    label[40:120, 50:150] = 1
+    save_label(tmp_path / "photo.png", label)
+    image, small = DecodedSamples(0, max_side=40).load(tmp_path / "photo.jpg", tmp_path / "photo.png")
+    assert image.shape == (32, 40, 3) and small.shape == (32, 40)
+    assert small.sum() == 16 * 20  # the 80x100 object, a fifth of its sides
+    save_label(tmp_path / "short.png", label[:150])
+    with pytest.raises(ValueError, match="label is 150x200 but image"):
+        DecodedSamples(0, max_side=40).load(tmp_path / "photo.jpg", tmp_path / "short.png")

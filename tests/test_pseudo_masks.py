@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 from skimage.segmentation import felzenszwalb
 
 from fss_core.data.images import load_label, save_rgb
@@ -257,3 +258,29 @@ def test_quality_after_a_kill_between_meta_and_report_is_the_new_builds(tmp_path
     assert finish_pseudo(cfg_b, prepare_pseudo(cfg_b, cluster_key)) == quality_b  # the report is kept for B
     (ws / "pseudo_masks" / "quality.json").write_text(report_a)  # A's report next to B's masks, however it got there
     assert finish_pseudo(cfg_b, prepare_pseudo(cfg_b, cluster_key)) == quality_b
+
+
+def test_a_large_jpeg_is_decoded_small_for_its_mask_and_the_mask_has_the_original_size(tmp_path, monkeypatch):
+    import fss_core.pseudo.masks as masks
+
+    image_hw, valid_hw, split, axis = (400, 1000), (3, 8), 4, 1
+    expected = split * STRIDE * image_hw[axis] / (valid_hw[axis] * STRIDE)  # 500: the A/B boundary
+    rgb = _two_colour_image(*image_hw, round(expected), axis)
+    Image.fromarray(rgb).save(tmp_path / "photo.jpg", quality=95)
+    store = tmp_path / "e.zarr"
+    group = create_embeddings_store(store, ["photo"], np.array([image_hw]), 3, GRID, build_key=KEY,
+                                    extractor="hand", stride=STRIDE, long_side=LONG_SIDE, shard_size=1)
+    group["features"][0] = _features(valid_hw, split, axis)
+    group["done"][0] = True
+    decoded = []
+    real_load = masks.load_rgb
+    monkeypatch.setattr(masks, "load_rgb", lambda path, **kw: decoded.append(real_load(path, **kw).shape) or
+                        real_load(path, **kw))
+    start_pseudo_masks(tmp_path / "masks", KEY)
+    write_pseudo_masks([0], store, CENTROIDS, [tmp_path / "photo.jpg"], tmp_path / "masks", REFERENCE_FELZENSZWALB,
+                       KEY, area_reference=473, max_side=100)
+    assert decoded == [(50, 125, 3)]  # 1/8 of 400x1000: the smallest decode keeping 100 px on the longer side
+    mask = load_label(tmp_path / "masks" / "photo.png")
+    assert mask.shape == image_hw
+    line = mask[200]
+    assert (line[: int(expected) - 10] == A).all() and (line[int(expected) + 10:] == B).all()

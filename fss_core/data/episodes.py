@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from fss_core.data.augment import EvalTransform, TrainTransform
-from fss_core.data.images import IGNORE_LABEL, load_label, load_rgb
+from fss_core.data.images import IGNORE_LABEL, is_reduced_decode, load_label, load_rgb
 from fss_core.data.layouts import ImageRecord
 from fss_core.geometry import scaled_min_area, working_size
 from fss_core.pseudo.task_index import PseudoTaskIndex
@@ -239,12 +239,13 @@ class DecodedSamples:
         kept = self._kept.get((image_path, label_path))
         if kept is not None:
             return kept
-        image = load_rgb(image_path)
+        image = load_rgb(image_path, at_least=self.max_side)
         label = load_label(label_path)
-        if label.shape != image.shape[:2]:
+        h, w = working_size(*label.shape, self.max_side)
+        if label.shape != image.shape[:2] and ((h, w) == label.shape or not is_reduced_decode(image.shape[:2],
+                                                                                            label.shape)):
             raise ValueError(f"{label_path}: label is {label.shape[0]}x{label.shape[1]} but image "
                              f"{image_path} is {image.shape[0]}x{image.shape[1]}")
-        h, w = working_size(*label.shape, self.max_side)
         if (h, w) != label.shape:
             image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
             label = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))

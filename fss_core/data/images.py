@@ -12,6 +12,7 @@ foreground. Labels and masks are never read from JPEG, whose compression alters 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -31,11 +32,20 @@ class ImageReadError(ValueError):
     """A file could not be decoded as an image; the message says which file and why."""
 
 
-def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as RGB ``uint8 [H, W, 3]``, EXIF orientation applied."""
+def load_rgb(path: str | os.PathLike, at_least: int | None = None) -> np.ndarray:
+    """Read an image as RGB ``uint8 [H, W, 3]``, EXIF orientation applied.
+
+    ``at_least``: a JPEG may be decoded at 1/2, 1/4 or 1/8 of its size (the codec's own scaling,
+    several times faster than decoding it whole: 0.02 s against 0.27 s for 12 megapixels) as long
+    as its longer side stays at least ``at_least``; the caller resizes what it gets
+    (:func:`is_reduced_decode` tells such a result from a wrong size). Other formats are decoded whole.
+    """
     try:
         with Image.open(path) as im:
             _check_pixels(im)
+            if at_least is not None and max(im.size) >= 2 * at_least:
+                ratio = at_least / max(im.size)
+                im.draft(None, (max(1, math.ceil(im.width * ratio)), max(1, math.ceil(im.height * ratio))))
             im = ImageOps.exif_transpose(im)
             if im.mode in _WIDE_GRAY:
                 return np.repeat(_gray_to_uint8(im)[..., None], 3, axis=2)
@@ -47,6 +57,14 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
 
 
 _WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_DECODE_SCALES = (2, 4, 8)  # the reductions a JPEG decoder can apply
+
+
+def is_reduced_decode(got_hw: tuple[int, int], full_hw: tuple[int, int]) -> bool:
+    """Whether an image of size ``full_hw`` decoded at a reduced scale (``load_rgb(at_least=...)``)
+    comes out at ``got_hw``."""
+    h, w = full_hw
+    return any(tuple(got_hw) == (-(-h // s), -(-w // s)) for s in _DECODE_SCALES)
 
 
 def _check_pixels(im: Image.Image) -> None:

@@ -29,7 +29,7 @@ from skimage.segmentation import felzenszwalb
 from tqdm import tqdm
 
 from fss_core.clustering.kmeans import nearest_centroid_scores
-from fss_core.data.images import load_rgb, save_label
+from fss_core.data.images import is_reduced_decode, load_rgb, save_label
 from fss_core.geometry import pad_geometry, scaled_min_area, working_size
 from storage_schemas import (
     EMBEDDINGS,
@@ -119,7 +119,8 @@ def pseudo_mask(features: np.ndarray, valid_hw: tuple[int, int], image_hw: tuple
 
     ``features [C, G, G]`` (float16/32, the store's row), ``valid_hw`` its valid cells,
     ``image_hw`` the original size, ``stride``/``long_side`` the extraction geometry,
-    ``centroids [K, C]``, ``rgb uint8 [H, W, 3]`` the original image (for the superpixels).
+    ``centroids [K, C]``, ``rgb uint8 [H, W, 3]`` the original image (for the superpixels), or
+    its copy already shrunk to ``max_side``.
     ``params`` defaults to the reference's Felzenszwalb settings; ``area_reference`` scales
     their ``min_size`` for small images (:func:`min_size_for`; None = unscaled, as the reference).
     ``max_side``: an image with a longer side is shrunk to it (:func:`working_size`), its mask
@@ -131,10 +132,10 @@ def pseudo_mask(features: np.ndarray, valid_hw: tuple[int, int], image_hw: tuple
     num_clusters = len(centroids)
     if not 1 <= num_clusters <= 255:
         raise ValueError(f"pseudo masks hold cluster ids 0..254 in uint8; got {num_clusters} centroids")
-    if rgb.shape != (h, w, 3):
-        raise ValueError(f"image is {rgb.shape}, expected ({h}, {w}, 3) as recorded at extraction")
     work_h, work_w = working_size(h, w, max_side)
-    if (work_h, work_w) != (h, w):
+    if rgb.shape not in ((h, w, 3), (work_h, work_w, 3)):
+        raise ValueError(f"image is {rgb.shape}, expected ({h}, {w}, 3) as recorded at extraction")
+    if rgb.shape[:2] != (work_h, work_w):
         rgb = np.asarray(Image.fromarray(rgb).resize((work_w, work_h), Image.BILINEAR))
     labels = cluster_map(features, valid_hw, image_hw, stride, long_side, centroids, out_hw=(work_h, work_w))
     segments = felzenszwalb(rgb, scale=params.scale, sigma=params.sigma,
@@ -217,10 +218,14 @@ def write_pseudo_masks(
             continue
         if not done[row]:
             raise ValueError(f"embeddings store {store_path}: image {image_id!r} (row {row}) is not extracted yet")
-        rgb = load_rgb(image_path)
-        if rgb.shape[:2] != tuple(image_hw[row]):
+        full_hw = tuple(int(v) for v in image_hw[row])
+        work_hw = working_size(*full_hw, max_side)
+        rgb = load_rgb(image_path, at_least=max(work_hw) if work_hw != full_hw else None)
+        if rgb.shape[:2] != full_hw and (work_hw == full_hw or not is_reduced_decode(rgb.shape[:2], full_hw)):
             raise ValueError(f"{image_path}: image is {rgb.shape[0]}x{rgb.shape[1]} but was "
-                             f"{image_hw[row][0]}x{image_hw[row][1]} when embedded; re-run extraction")
+                             f"{full_hw[0]}x{full_hw[1]} when embedded; re-run extraction")
+        if rgb.shape[:2] != full_hw:  # decoded at a reduced scale: shrunk to the working size here
+            rgb = np.asarray(Image.fromarray(rgb).resize(work_hw[::-1], Image.BILINEAR))
         mask = pseudo_mask(group["features"][row], valid_hw[row], image_hw[row], attrs.stride,
                            attrs.input_long_side, centroids, rgb, params, area_reference, max_side)
         save_label(target, mask)
