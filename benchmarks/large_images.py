@@ -4,6 +4,8 @@ One synthetic photo per size (a demo image enlarged, with sensor-like noise), ra
 features on the 473 px canvas of the extraction (stride 8) and K = 30 random centroids. Each
 measurement runs ``fss_core.pseudo.masks.pseudo_mask`` once in a fresh child process, which
 reports its wall time and its peak resident memory; the image is decoded before the clock.
+A second table times loading such a photo, saved as JPEG, as its shrunk copy: decoded whole,
+or at a reduced scale by the JPEG codec (``load_rgb(at_least=...)``).
 
     python benchmarks/large_images.py --out docs/benchmarks.md   # 2 and 12 megapixels, max_side 640
     python benchmarks/large_images.py --sizes 1600x1200 --max-side 640 1024
@@ -54,6 +56,38 @@ print(json.dumps({"seconds": seconds, "peak_mib": resource.getrusage(resource.RU
 """
 
 
+DECODE = r"""
+import json, statistics, sys, tempfile, time
+from pathlib import Path
+import numpy as np
+from PIL import Image
+sys.path.insert(0, sys.argv[1])
+from fss_core.data.images import load_rgb
+from fss_core.data.synthetic import class_model, render_image
+from fss_core.geometry import working_size
+
+w, h = (int(v) for v in sys.argv[2].split("x"))
+max_side = int(sys.argv[3])
+rgb, _ = render_image(1, 0, class_model(20), 256)
+path = Path(tempfile.mkdtemp()) / "photo.jpg"
+Image.fromarray(rgb).resize((w, h), Image.BICUBIC).save(path, quality=90)
+target = working_size(h, w, max_side)[::-1]
+times = {"whole": [], "reduced": []}
+for _ in range(5):
+    for name, at_least in (("whole", None), ("reduced", max_side)):
+        start = time.perf_counter()
+        Image.fromarray(load_rgb(path, at_least=at_least)).resize(target, Image.BILINEAR)
+        times[name].append(time.perf_counter() - start)
+print(json.dumps({k: statistics.median(v) for k, v in times.items()}))
+"""
+
+
+def measure_decode(size: str, max_side: int) -> dict:
+    done = subprocess.run([sys.executable, "-c", DECODE, str(REPO), size, str(max_side)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def measure(size: str, max_side: int | None) -> dict:
     done = subprocess.run([sys.executable, "-c", CHILD, str(REPO), size, str(max_side).lower()],
                           capture_output=True, text=True, check=True)
@@ -82,6 +116,17 @@ def main() -> None:
             lines.append(f"| {size} | copy at max_side {max_side} | {shrunk['seconds']:.2f} | {shrunk['peak_mib']:.0f} | "
                          f"**{shrunk['seconds'] / original['seconds']:.3f}** | "
                          f"{shrunk['peak_mib'] / original['peak_mib']:.2f} |")
+            print(lines[-1], flush=True)
+    lines += ["", "Loading the photo as its copy shrunk to `max_side` (a JPEG, quality 90; median of 5 "
+              "interleaved loads): decoded whole then resized, against decoded at 1/2, 1/4 or 1/8 scale by the "
+              "codec then resized (`load_rgb(at_least=max_side)`, what the pseudo masks and the training "
+              "episodes do).", "",
+              "| image | max_side | whole, s | reduced, s | reduced / whole |", "|---|---:|---:|---:|---:|"]
+    for size in args.sizes:
+        for max_side in args.max_side:
+            t = measure_decode(size, max_side)
+            lines.append(f"| {size} | {max_side} | {t['whole']:.3f} | {t['reduced']:.3f} | "
+                         f"**{t['reduced'] / t['whole']:.2f}** |")
             print(lines[-1], flush=True)
     if args.out:
         head = (f"Run {datetime.date.today()} on {platform.machine()} with {os.cpu_count()} cores, one process at "
