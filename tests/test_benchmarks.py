@@ -52,8 +52,9 @@ def test_quick_benchmark_writes_its_section(tmp_path, script, section, arguments
 def test_large_images_benchmark_writes_its_section(tmp_path):
     body = _run("large_images.py", tmp_path).split("## large images\n", 1)[1]
     assert "Command: `python benchmarks/large_images.py --quick" in body
-    rows = [line for line in body.splitlines() if line.startswith("| 800x600")]
-    assert [row.split(" | ")[1] for row in rows] == ["original size", "copy at max_side 320"]
+    rows = [line.split(" | ") for line in body.splitlines() if line.startswith("| 800x600")]
+    assert [row[1] for row in rows] == ["original size", "copy at max_side 320", "320"]  # masks, then loading
+    assert "reduced / whole" in body and rows[-1][-1].startswith("**")
 
 
 def test_a_section_is_replaced_and_the_others_kept(tmp_path, harness):
