@@ -120,7 +120,7 @@ def main() -> None:
     lines += ["", "Loading the photo as its copy shrunk to `max_side` (a JPEG, quality 90; median of 5 "
               "interleaved loads): decoded whole then resized, against decoded at 1/2, 1/4 or 1/8 scale by the "
               "codec then resized (`load_rgb(at_least=max_side)`, what the pseudo masks and the training "
-              "episodes do).", "",
+              "episodes do; extraction does the same at its canvas size).", "",
               "| image | max_side | whole, s | reduced, s | reduced / whole |", "|---|---:|---:|---:|---:|"]
     for size in args.sizes:
         for max_side in args.max_side:

@@ -442,3 +442,40 @@ def test_the_stores_projection_depends_on_the_extract_settings_and_images_only(t
         assert plan.total == 6
     np.testing.assert_array_equal(projections[0].components, projections[1].components)
     np.testing.assert_array_equal(projections[0].mean, projections[1].mean)
+
+
+def test_a_large_jpeg_is_embedded_from_a_reduced_decode_with_the_geometry_of_its_size(tmp_path, monkeypatch):
+    """A JPEG at least twice the canvas is decoded at 1/2, 1/4 or 1/8 scale (no smaller than the
+    canvas); its canvas geometry and recorded size stay those of the image, and its embedding is
+    that of the whole decode up to resampling. An image whose size changed since ingest is refused."""
+    import fss_core.embeddings.extract as extract
+    from PIL import Image
+
+    smooth = np.asarray(Image.fromarray(np.random.default_rng(3).integers(0, 256, (5, 7, 3), dtype=np.uint8))
+                        .resize((301, 211), Image.BICUBIC))
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(smooth).save(path, quality=95)
+    decoded = []
+    real_load = extract.load_rgb
+    monkeypatch.setattr(extract, "load_rgb", lambda p, **kw: decoded.append(real_load(p, **kw).shape) or
+                        real_load(p, **kw))
+    store = tmp_path / "e.zarr"
+    create_embeddings_store(store, ["photo"], np.array([(211, 301)]), 6, 8, build_key=KEY, extractor="counting",
+                            stride=8, long_side=LONG_SIDE, shard_size=1)
+    assert extract_rows(store, [0], [path], CountingBackbone(), LONG_SIDE, batch_size=1, amp=False) == 1
+    assert decoded == [(53, 76, 3)]  # 1/4 of 211x301: the longer side 76 >= 64; 1/8 would give 38
+    group = open_store(store, EMBEDDINGS)
+    assert tuple(group["image_hw"][0]) == (211, 301)
+    canvas, geometry = preprocess(load_rgb(path), LONG_SIDE)
+    assert tuple(group["valid_hw"][0]) == (math.ceil(geometry.new_h / 8), math.ceil(geometry.new_w / 8))
+    whole = embed_batch(CountingBackbone(), canvas[None], "cpu", False)[0].numpy()
+    stored = group["features"][0].astype(np.float32)
+    r, c = group["valid_hw"][0]
+    cosine = (whole[:, :r, :c] * stored[:, :r, :c]).sum(axis=0)
+    assert cosine.min() > 0.98  # unit vectors: the same embedding up to resampling
+
+    other = tmp_path / "other.zarr"
+    create_embeddings_store(other, ["photo"], np.array([(200, 301)]), 6, 8, build_key=KEY, extractor="counting",
+                            stride=8, long_side=LONG_SIDE, shard_size=1)
+    with pytest.raises(ValueError, match="photo.jpg: image is .* but was 200x301 when ingested"):
+        extract_rows(other, [0], [path], CountingBackbone(), LONG_SIDE, batch_size=1, amp=False)

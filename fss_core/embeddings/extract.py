@@ -31,7 +31,7 @@ import zarr
 from PIL import Image
 from tqdm import tqdm
 
-from fss_core.data.images import load_rgb
+from fss_core.data.images import is_reduced_decode, load_rgb
 from fss_core.embeddings.pca import Projection, load_projection
 from fss_core.geometry import PadGeometry, pad_geometry
 from fss_core.models.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone
@@ -63,18 +63,21 @@ WRITE_BUFFER_BYTES = 256 * 2**20  # float16 features a writer holds to write a s
 
 # --- one image, one batch ---------------------------------------------------------------------
 
-def preprocess(rgb: np.ndarray, long_side: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, PadGeometry]:
+def preprocess(rgb: np.ndarray, long_side: int, out: torch.Tensor | None = None,
+               size: tuple[int, int] | None = None) -> tuple[torch.Tensor, PadGeometry]:
     """RGB ``uint8 [H, W, 3]`` → (ImageNet-normalised canvas ``[3, L, L]`` float32, its geometry).
 
     The image is resized (PIL bilinear) to ``(new_h, new_w)`` of :func:`pad_geometry` and
     pasted at the top-left of an ``L × L`` canvas of zeros; the zeros are set before
     normalisation, so the padding is black, as in the reference. ``out``: the canvas to fill
-    (a slot of a batch), instead of a new one.
+    (a slot of a batch), instead of a new one. ``size``: the image's own ``(H, W)`` when ``rgb``
+    is a smaller decode of it (:func:`fss_core.data.images.load_rgb` with ``at_least``); the
+    geometry is the image's.
     """
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 [H, W, 3] image, got {rgb.dtype} {rgb.shape}")
-    geometry = pad_geometry(rgb.shape[0], rgb.shape[1], long_side, SIZE_MULTIPLE)
+    geometry = pad_geometry(*(size or rgb.shape[:2]), long_side, SIZE_MULTIPLE)
     canvas = torch.empty(3, long_side, long_side) if out is None else out
     if canvas.shape != (3, long_side, long_side) or canvas.dtype != torch.float32:
         raise ValueError(f"out must be a float32 [3, {long_side}, {long_side}] tensor, got {canvas.dtype} "
@@ -240,6 +243,7 @@ def create_embeddings_store(
                 group = extend_embeddings_store(path, image_ids[len(old_ids) :], image_hw[len(old_ids) :],
                                                 None if shas is None else shas[len(old_ids) :])
             changed = record_image_content(group, shas)
+            _record_pending_sizes(group, image_hw)
             log.info("embeddings store %s reopened: %d of %d images done (%d of them changed since)", path,
                      int(group["done"][:].sum()), len(image_ids), changed)
             return group
@@ -372,6 +376,24 @@ def _write_sizes(group: zarr.Group, start: int, image_hw: np.ndarray, long_side:
     group["valid_hw"][start:stop] = np.asarray(valid, dtype=np.int32)
 
 
+def _record_pending_sizes(group: zarr.Group, image_hw: np.ndarray) -> None:
+    """``image_hw`` (and ``valid_hw``) of every row still to compute, from ``image_hw [N, 2]``: an
+    image that changed since its row was computed may have another size, and extraction lays each
+    image out by the size recorded here. Computed rows keep theirs."""
+    pending = np.flatnonzero(~np.asarray(group["done"][:], dtype=bool))
+    if not pending.size:
+        return
+    attrs = read_attrs(group, EMBEDDINGS)
+    grid = group["features"].shape[-1]
+    recorded, valid = np.asarray(group["image_hw"][:]), np.asarray(group["valid_hw"][:])
+    for r in pending:
+        h, w = (int(v) for v in image_hw[r])
+        recorded[r] = h, w
+        valid[r] = valid_cells(pad_geometry(h, w, attrs.input_long_side, SIZE_MULTIPLE), attrs.stride, grid)
+    group["image_hw"][:] = recorded.astype(np.int32)
+    group["valid_hw"][:] = valid.astype(np.int32)
+
+
 # --- the unit of work -------------------------------------------------------------------------
 
 def extract_rows(
@@ -417,6 +439,7 @@ def extract_rows(
     _check_rows(rows, n, unit, store_path, aligned=shard_lock is None)
     path_of = dict(zip(rows, image_paths))
     done = np.asarray(group["done"][:])
+    recorded_hw = np.asarray(group["image_hw"][:])  # each image's size, from ingest
     todo = [r for r in rows if not done[r]]
     if not todo:
         return 0
@@ -445,7 +468,8 @@ def extract_rows(
         # fresh pages for every batch slow the forward pass that reads them. Batch k's slot is
         # refilled once the forward pass of batch k is over (at most PREFETCH_BATCHES are ahead).
         ring = torch.empty(PREFETCH_BATCHES + 1, min(batch_size, len(todo)), 3, long_side, long_side)
-        loads = deque(background.submit(_load_batch, [path_of[r] for r in b], long_side, ring[k])
+        loads = deque(background.submit(_load_batch, [path_of[r] for r in b], [recorded_hw[r] for r in b], long_side,
+                                        ring[k])
                       for k, b in enumerate(batches[:PREFETCH_BATCHES]))
         next_batch = len(loads)
         last_shard = blocks[-1][0]
@@ -455,7 +479,8 @@ def extract_rows(
                 batch_rows = block_todo[first : first + batch_size]
                 canvases, geometries = loads.popleft().result()
                 if next_batch < len(batches):
-                    loads.append(background.submit(_load_batch, [path_of[r] for r in batches[next_batch]], long_side,
+                    loads.append(background.submit(_load_batch, [path_of[r] for r in batches[next_batch]],
+                                                   [recorded_hw[r] for r in batches[next_batch]], long_side,
                                                    ring[next_batch % len(ring)]))
                     next_batch += 1
                 computed = backbone_features(backbone, canvases, device, amp)
@@ -485,12 +510,21 @@ def extract_rows(
     return len(todo)
 
 
-def _load_batch(paths: Sequence[str | os.PathLike], long_side: int,
+def _load_batch(paths: Sequence[str | os.PathLike], sizes: Sequence[tuple[int, int]], long_side: int,
                 out: torch.Tensor) -> tuple[torch.Tensor, list[PadGeometry]]:
     """Decode and preprocess images into the first ``B`` canvases of ``out``: (those canvases
-    ``[B, 3, L, L]``, their geometries)."""
+    ``[B, 3, L, L]``, their geometries). ``sizes``: each image's ``(H, W)`` as the store records
+    it (from ingest); a JPEG at least twice the canvas is decoded at a reduced scale, no smaller
+    than the canvas (several times faster than whole), its geometry still that of its size."""
     canvases = out[: len(paths)]
-    geometries = [preprocess(load_rgb(p), long_side, out=canvas)[1] for p, canvas in zip(paths, canvases)]
+    geometries = []
+    for path, size, canvas in zip(paths, sizes, canvases):
+        size = (int(size[0]), int(size[1]))
+        rgb = load_rgb(path, at_least=long_side)
+        if rgb.shape[:2] != size and not is_reduced_decode(rgb.shape[:2], size):
+            raise ValueError(f"{path}: image is {rgb.shape[0]}x{rgb.shape[1]} but was {size[0]}x{size[1]} "
+                             f"when ingested; re-run the pipeline to ingest it again")
+        geometries.append(preprocess(rgb, long_side, out=canvas, size=size)[1])
     return canvases, geometries
 
 
