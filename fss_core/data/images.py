@@ -36,8 +36,9 @@ def load_rgb(path: str | os.PathLike, at_least: int | None = None) -> np.ndarray
     """Read an image as RGB ``uint8 [H, W, 3]``, EXIF orientation applied.
 
     ``at_least``: a JPEG may be decoded at 1/2, 1/4 or 1/8 of its size (the codec's own scaling,
-    several times faster than decoding it whole) as long as its longer side stays at least ``at_least``; the caller resizes what it gets
-    (:func:`is_reduced_decode` tells such a result from a wrong size). Other formats are decoded whole.
+    several times faster than decoding it whole) as long as its longer side stays at least
+    ``at_least``; the caller resizes what it gets (:func:`is_reduced_decode` tells such a result
+    from a wrong size). Other formats are decoded whole.
     """
     try:
         with Image.open(path) as im:
