@@ -383,15 +383,10 @@ def _record_pending_sizes(group: zarr.Group, image_hw: np.ndarray) -> None:
     pending = np.flatnonzero(~np.asarray(group["done"][:], dtype=bool))
     if not pending.size:
         return
+    recorded = np.asarray(group["image_hw"][:])
+    recorded[pending] = image_hw[pending]
     attrs = read_attrs(group, EMBEDDINGS)
-    grid = group["features"].shape[-1]
-    recorded, valid = np.asarray(group["image_hw"][:]), np.asarray(group["valid_hw"][:])
-    for r in pending:
-        h, w = (int(v) for v in image_hw[r])
-        recorded[r] = h, w
-        valid[r] = valid_cells(pad_geometry(h, w, attrs.input_long_side, SIZE_MULTIPLE), attrs.stride, grid)
-    group["image_hw"][:] = recorded.astype(np.int32)
-    group["valid_hw"][:] = valid.astype(np.int32)
+    _write_sizes(group, 0, recorded, attrs.input_long_side, attrs.stride, group["features"].shape[-1])
 
 
 # --- the unit of work -------------------------------------------------------------------------
