@@ -44,7 +44,7 @@ import storage_schemas
 from fss_core.data.images import ImageReadError, label_palette, load_mask, load_rgb
 from fss_core.evaluation.protocol import ModelPredictor
 from fss_core.inference.predict import PredictInputError, predict
-from fss_core.models.fss.bundle import SPEC_FILE, WEIGHTS_FILE, load_bundle
+from fss_core.models.fss.bundle import SPEC_FILE, WEIGHTS_FILE, is_bundle, load_bundle
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def log_fss_model(
     the input example is ``example_request()`` unless one is given.
     """
     bundle_dir = Path(bundle_dir)
-    if not (bundle_dir / SPEC_FILE).is_file() or not (bundle_dir / WEIGHTS_FILE).is_file():
+    if not is_bundle(bundle_dir):
         raise FileNotFoundError(f"{bundle_dir} is not a model bundle (needs {SPEC_FILE} and {WEIGHTS_FILE})")
     return mlflow.pyfunc.log_model(
         name=name,

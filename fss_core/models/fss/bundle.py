@@ -70,7 +70,9 @@ def save_bundle(folder: str | os.PathLike, model: FSSNetwork, spec: ModelSpec) -
     return folder
 
 
-def _is_bundle(folder: Path) -> bool:
+def is_bundle(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a model bundle's two files."""
+    folder = Path(folder)
     return (folder / SPEC_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
@@ -78,14 +80,15 @@ def _bundles_below(folder: Path, limit: int = 5) -> list[Path]:
     """Bundles one or two levels below ``folder`` (a workspace holds them in ``models/``), newest first."""
     if not folder.is_dir():
         return []
-    found = [p.parent for p in [*folder.glob(f"*/{SPEC_FILE}"), *folder.glob(f"*/*/{SPEC_FILE}")] if _is_bundle(p.parent)]
+    specs = [*folder.glob(f"*/{SPEC_FILE}"), *folder.glob(f"*/*/{SPEC_FILE}")]
+    found = [spec.parent for spec in specs if is_bundle(spec.parent)]
     return sorted(found, key=lambda p: (p / WEIGHTS_FILE).stat().st_mtime, reverse=True)[:limit]
 
 
 def load_bundle(folder: str | os.PathLike, map_location: str = "cpu") -> tuple[FSSNetwork, ModelSpec]:
     """Rebuild the network of a bundle and load its weights strictly; returns it in eval mode."""
     folder = Path(folder)
-    if not _is_bundle(folder):
+    if not is_bundle(folder):
         inside = _bundles_below(folder)
         hint = f"; the bundles in it: {', '.join(str(b) for b in inside)}" if inside else ""
         raise FileNotFoundError(f"{folder} is not a model bundle (needs {SPEC_FILE} and {WEIGHTS_FILE}){hint}")
