@@ -5,8 +5,9 @@ second extraction on a 640 px canvas. The pipeline assigns from the stored embed
 extraction (``extract.long_side``). This script measures what a second, larger pass would give:
 on a workspace whose pseudo masks exist (``fss pseudo``, with the ``--config`` and ``--set``
 given here), it recomputes each training image's features on canvases of the given sizes,
-assigns them to the workspace's centroids exactly as the pipeline does (valid cells, bilinear map, superpixel vote), and scores the masks against the
-ground truth with the pipeline's quality report (Hungarian mIoU). The size equal to
+assigns them to the workspace's centroids exactly as the pipeline does (valid cells, bilinear
+map, superpixel vote), and scores the masks against the ground truth with the pipeline's
+quality report (Hungarian mIoU). The size equal to
 ``extract.long_side`` must reproduce the workspace's own report to within ``AGREEMENT`` (the
 recomputed features differ from the stored ones by rounding only: batch composition, autocast):
 a check that the recomputation is the pipeline's.

@@ -175,7 +175,6 @@ def test_local_dask_workers_ignore_ctrl_c(tmp_path):
     assert "worker ignores SIGINT: True" in done.stdout
 
 
-
 def test_a_server_started_as_the_command_exits_does_not_outlive_it():
     """The window Prefect's own exit handler leaves: the server's process exists but its stop is
     not registered yet when the command exits (Ctrl-C at that moment). The handler that
